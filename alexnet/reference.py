@@ -1,0 +1,91 @@
+"""The single-device reference: the same AlexNet in plain torch, grouping done by torch.
+
+conv2/conv4/conv5 (when not cross-group) are ``nn.Conv2d(groups=G)``; cross-group layers
+are dense; LRN is applied to each group's channels separately; an fc layer that is not
+cross-group is a grouped 1x1 convolution. The model-parallel network must compute exactly
+this, and its weights map onto this module's state_dict by slicing output rows.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from alexnet.spec import LRN_AFTER, LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, POOL_AFTER, POOL_KERNEL, POOL_STRIDE, AlexNetSpec
+
+
+class GroupLRN(nn.Module):
+    """LocalResponseNorm over each group's channels only: (N, G*C, H, W) -> (N*G, C, H, W) -> back."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.lrn = nn.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return self.lrn(x.reshape(n * self.groups, c // self.groups, h, w)).reshape(n, c, h, w)
+
+
+class GroupedLinear(nn.Module):
+    """Block-diagonal linear layer: a grouped 1x1 convolution over (N, F, 1)."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int):
+        super().__init__()
+        self.conv = nn.Conv1d(in_features, out_features, 1, groups=groups)
+
+    @property
+    def weight(self):
+        return self.conv.weight
+
+    def forward(self, x):
+        return self.conv(x.unsqueeze(-1)).squeeze(-1)
+
+
+class ReferenceAlexNet(nn.Module):
+    """Plain-torch AlexNet with G filter groups; state_dict keys ``<layer>.weight`` / ``.bias``."""
+
+    def __init__(self, spec: AlexNetSpec):
+        super().__init__()
+        self.spec = spec
+        G = spec.groups
+        self.layer_names = []
+        # Every stage is registered in order (children() keeps insertion order), so
+        # forward is a straight walk and train()/eval() reaches the dropout stages.
+        for info in spec.layers():
+            name = info.name
+            self.layer_names.append(name)
+            suffix = name[-1]
+            if info.kind == "conv":
+                self.add_module(name, nn.Conv2d(info.in_channels, info.out_channels, info.kernel, info.stride,
+                                                info.padding, groups=G if info.grouped else 1))
+                self.add_module(f"relu{suffix}", nn.ReLU())
+                if spec.lrn and name in LRN_AFTER:
+                    self.add_module(f"lrn{suffix}", GroupLRN(G))
+                if name in POOL_AFTER:
+                    self.add_module(f"pool{suffix}", nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE))
+                if name == "conv5":
+                    self.add_module("flatten", nn.Flatten(1))
+            else:
+                self.add_module(name, GroupedLinear(info.in_channels, info.out_channels, G) if info.grouped
+                                else nn.Linear(info.in_channels, info.out_channels))
+                if name != "fc8":
+                    self.add_module(f"relu{suffix}", nn.ReLU())
+                    self.add_module(f"drop{suffix}", nn.Dropout(spec.dropout))
+
+    def forward(self, x):
+        for stage in self.children():
+            x = stage(x)
+        return x
+
+    def reference_state_dict(self) -> dict:
+        """``{conv1.weight: ..., fc8.bias: ...}`` whatever module wraps the layer."""
+        out = {}
+        for name in self.layer_names:
+            m = getattr(self, name)
+            m = m.conv if isinstance(m, GroupedLinear) else m
+            out[f"{name}.weight"], out[f"{name}.bias"] = m.weight.detach(), m.bias.detach()
+        return out
+
+    def load_reference_state_dict(self, state: dict) -> None:
+        own = self.reference_state_dict()
+        for key, value in own.items():
+            value.copy_(state[key].reshape(value.shape))

@@ -1,0 +1,10 @@
+"""Model-agnostic filter-group parallelism: placements, communication, sharded layers.
+
+Imports nothing from ``alexnet/`` or ``data/``.
+"""
+from parallel.comm import CommCounter
+from parallel.layers import GroupConv2d, GroupLinear, PerGroup, gather_output
+from parallel.placement import LocalPlacement, PlacementError, split_sizes
+
+__all__ = ["CommCounter", "GroupConv2d", "GroupLinear", "PerGroup", "gather_output",
+           "LocalPlacement", "PlacementError", "split_sizes"]

@@ -1,0 +1,93 @@
+"""Cross-group communication primitives, each forward next to its backward.
+
+Only this file moves activations between groups. Every primitive adds the bytes it moves
+to a :class:`CommCounter` from tensor shapes alone (no host synchronisation), forward and
+backward, so the number is the groups' logical exchange volume whatever the placement:
+at a cross-group layer each of the G groups receives the other G-1 groups' shards of its
+input in the forward pass, and the same volume of gradients in the backward pass.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+class CommCounter:
+    """Bytes exchanged between groups, accumulated per named layer and direction."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = defaultdict(int)
+
+    def add(self, name: str, nbytes: int) -> None:
+        self.bytes[name] += int(nbytes)
+
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    def reset(self) -> None:
+        self.bytes.clear()
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.bytes)
+
+
+def received_bytes(total_bytes: int, group_sizes: list[int], consumers: list[int]) -> int:
+    """Bytes the ``consumers`` receive when each needs every group's shard but its own.
+
+    ``group_sizes[g]`` is group g's share of the gathered dimension; with every group a
+    consumer this is (G - 1) * total_bytes.
+    """
+    whole = sum(group_sizes)
+    return sum(total_bytes - total_bytes * group_sizes[g] // whole for g in consumers)
+
+
+class _GatherToDevices(torch.autograd.Function):
+    """Forward: out_t = cat(shards moved to targets[t], dim) for every target device t.
+
+    Backward: grad(shard_i) = sum_t grad(out_t)[slice_i], moved back to shard i's device;
+    the consumers compute different things from the same gathered input, so their
+    gradients add up (the local twin of all-gather / reduce-scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, meta, *shards):
+        targets, dim, counter, name, nbytes = meta
+        ctx.meta = (dim, counter, name, nbytes)
+        ctx.sizes = [s.shape[dim] for s in shards]
+        ctx.devices = [s.device for s in shards]
+        counter.add(f"{name}/fwd", nbytes)
+        # non_blocking: device-to-device copies queue on the stream, the host never waits.
+        return tuple(torch.cat([s.to(t, non_blocking=True) for s in shards], dim=dim) for t in targets)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        dim, counter, name, nbytes = ctx.meta
+        counter.add(f"{name}/bwd", nbytes)
+        out = []
+        for i, (dev, size) in enumerate(zip(ctx.devices, ctx.sizes)):
+            start = sum(ctx.sizes[:i])
+            total = None
+            for g in grads:
+                if g is None:
+                    continue
+                piece = g.narrow(dim, start, size).to(dev, non_blocking=True)
+                total = piece if total is None else total + piece
+            out.append(total)
+        return (None, *out)
+
+
+def gather_to_devices(shards: list[torch.Tensor], targets: list[torch.device], dim: int,
+                      counter: CommCounter, name: str, nbytes: int) -> list[torch.Tensor]:
+    """Concatenate ``shards`` along ``dim`` on each of ``targets``; autograd-correct.
+
+    ``nbytes`` is the logical cross-group volume to record for each direction.
+    """
+    if len(shards) == 1 and len(targets) == 1 and shards[0].device == targets[0]:
+        # One slot: nothing physically moves, but the groups inside it still "exchange"
+        # their maps; record that so the counter does not depend on the placement.
+        counter.add(f"{name}/fwd", nbytes)
+        if shards[0].requires_grad:
+            shards[0].register_hook(lambda g: counter.add(f"{name}/bwd", nbytes))
+        return [shards[0]]
+    return list(_GatherToDevices.apply((targets, dim, counter, name, nbytes), *shards))

@@ -1,0 +1,147 @@
+"""Where each filter group lives.
+
+A placement deals G filter groups to *slots* in contiguous blocks. A slot is one device
+(local placement) or one process (distributed placement, see ``distributed.py``). Groups
+that share a slot are computed together there (one grouped convolution / one matmul), so a
+single slot costs exactly what torch's own grouped convolution costs.
+
+The model code only ever sees the *local* slots (all of them in one process, or just this
+rank's one in a distributed run) and asks the placement to move activations between
+groups. That keeps one model code path for both placements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parallel.comm import CommCounter, gather_to_devices, received_bytes
+
+
+class PlacementError(ValueError):
+    """A placement that cannot hold the requested groups (the message names the fix)."""
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """Split ``total`` into ``parts`` contiguous sizes that differ by at most one, larger first.
+
+    10 classes over 4 groups -> [3, 3, 2, 2].
+    """
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def resolve_devices(devices: list[str] | str, groups: int) -> list[str]:
+    """Turn the config's ``parallel.devices`` into concrete device strings.
+
+    ``"auto"`` (alone or as the only list entry) means one slot per visible GPU, at most
+    ``groups`` of them, and ``["cpu"]`` when there is no GPU.
+    """
+    if isinstance(devices, str):
+        devices = [devices]
+    if list(devices) == ["auto"]:
+        n = torch.cuda.device_count()
+        if n == 0:
+            return ["cpu"]
+        return [f"cuda:{i}" for i in range(min(n, groups))]
+    if "auto" in devices:
+        raise PlacementError("parallel.devices: 'auto' must be the only entry, e.g. devices: [auto]")
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except RuntimeError:
+            raise PlacementError(f"parallel.devices: {d!r} is not a device; use e.g. cpu, cuda:0") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise PlacementError(
+                    f"parallel.devices names {d} but CUDA is not available; "
+                    "use --set parallel.devices=[cpu] or devices: [auto]")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise PlacementError(
+                    f"parallel.devices names {d} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return list(devices)
+
+
+@dataclass
+class Slot:
+    """One place that computes a contiguous block of groups ``[first, first + count)``."""
+    device: torch.device
+    first: int
+    count: int
+
+    @property
+    def groups(self) -> range:
+        return range(self.first, self.first + self.count)
+
+
+class LocalPlacement:
+    """All groups in one process, dealt to ``devices`` (one slot each) in contiguous blocks.
+
+    G = 4 over 2 slots: groups 0, 1 in slot 0 and groups 2, 3 in slot 1. Two slots may name
+    the same physical device (``["cpu", "cpu"]``), which exercises the multi-device path
+    on a machine without GPUs.
+    """
+
+    def __init__(self, groups: int, devices: list[str] | str = ("cpu",), counter: CommCounter | None = None):
+        if groups < 1:
+            raise PlacementError(f"groups must be >= 1, got {groups}")
+        devices = resolve_devices(list(devices) if not isinstance(devices, str) else devices, groups)
+        if len(devices) > groups:
+            raise PlacementError(
+                f"parallel.devices has {len(devices)} slots but there are only {groups} groups; "
+                f"list at most {groups} devices")
+        self.groups = groups
+        counts = split_sizes(groups, len(devices))
+        if counts[-1] != counts[0]:
+            raise PlacementError(
+                f"{groups} groups cannot be dealt evenly to {len(devices)} devices; "
+                f"use a number of devices that divides {groups}")
+        self.slots: list[Slot] = []
+        first = 0
+        for dev, count in zip(devices, counts):
+            self.slots.append(Slot(torch.device(dev), first, count))
+            first += count
+        self.counter = counter if counter is not None else CommCounter()
+
+    # The model iterates over local slots; here every slot is local.
+    @property
+    def local_slots(self) -> list[Slot]:
+        return self.slots
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where the gathered logits (and the loss) live: slot 0's device."""
+        return self.slots[0].device
+
+    def gather(self, shards: list[torch.Tensor], dim: int, name: str,
+               group_sizes: list[int] | None = None) -> list[torch.Tensor]:
+        """Give every local slot the concatenation of all groups' shards along ``dim``.
+
+        Used at cross-group layers; the consumers compute different output channels, so
+        the backward pass sums the gradients from every consumer back onto each shard.
+        ``group_sizes`` (each group's share of ``dim``) defaults to an even split.
+        """
+        sizes = group_sizes or split_sizes(sum(s.shape[dim] for s in shards), self.groups)
+        nbytes = received_bytes(_nbytes(shards), sizes, list(range(self.groups)))
+        return gather_to_devices(shards, [s.device for s in self.slots], dim, self.counter, name, nbytes)
+
+    def gather_output(self, shards: list[torch.Tensor], dim: int, name: str,
+                      group_sizes: list[int] | None = None) -> torch.Tensor:
+        """Concatenate all groups' outputs onto ``output_device``, where the loss is computed once.
+
+        Only group 0 receives (the other groups' shares), and sends gradients back.
+        """
+        sizes = group_sizes or split_sizes(sum(s.shape[dim] for s in shards), self.groups)
+        nbytes = received_bytes(_nbytes(shards), sizes, [0])
+        return gather_to_devices(shards, [self.output_device], dim, self.counter, name, nbytes)[0]
+
+    def assemble_rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Stack every slot's rows (dim 0) in group order into the full tensor, on CPU."""
+        return torch.cat([p.cpu() for p in parts], dim=0)
+
+    def describe(self) -> str:
+        return ", ".join(f"groups {s.first}..{s.first + s.count - 1} on {s.device}" for s in self.slots)
+
+
+def _nbytes(shards: list[torch.Tensor]) -> int:
+    return sum(s.numel() * s.element_size() for s in shards)

@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from alexnet.spec import AlexNetSpec  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def tiny_spec(groups: int, **overrides) -> AlexNetSpec:
+    """A 32x32 AlexNet small enough for CPU tests; widths divide by 1, 2, 3 and 4."""
+    kw = dict(groups=groups, num_classes=10, in_channels=1, input_size=32, conv_channels=[12, 24, 36, 36, 24],
+              kernels=[3, 3, 3, 3, 3], strides=[1, 1, 1, 1, 1], paddings=[1, 1, 1, 1, 1], fc_widths=[48, 48],
+              dropout=0.0, init="kaiming")
+    kw.update(overrides)
+    return AlexNetSpec(**kw)
+
+
+@pytest.fixture
+def root():
+    return ROOT

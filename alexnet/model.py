@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from alexnet.lrn import FastLRN
 from alexnet.spec import LRN_AFTER, LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, POOL_AFTER, POOL_KERNEL, POOL_STRIDE, AlexNetSpec
 from parallel import GroupConv2d, GroupLinear, PerGroup, gather_output
 
@@ -24,7 +25,7 @@ class GroupAlexNet(nn.Module):
         self.spec, self.placement = spec, placement
         self.layer_infos = spec.layers()
         relu = PerGroup(placement, nn.ReLU())
-        lrn = PerGroup(placement, nn.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K))
+        lrn = PerGroup(placement, FastLRN(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K))
         pool = PerGroup(placement, nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE))
         drop = PerGroup(placement, nn.Dropout(spec.dropout))
         self.stages = nn.ModuleList()

@@ -108,6 +108,26 @@ class LocalPlacement:
     def local_slots(self) -> list[Slot]:
         return self.slots
 
+    # One process, one replica: nothing to average or reduce across processes.
+    is_main = True
+    num_replicas = 1
+    replica = 0
+    process_index = 0
+
+    def sync_gradients(self, params) -> None:
+        pass
+
+    def barrier(self) -> None:
+        pass
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the image batch is sent: slot 0's device (conv1 copies it on to the others)."""
+        return self.slots[0].device
+
     @property
     def output_device(self) -> torch.device:
         """Where the gathered logits (and the loss) live: slot 0's device."""

@@ -1,0 +1,65 @@
+"""Checkpoints in the placement-independent reference layout, written atomically.
+
+Weights and SGD momentum buffers are stored as the single-device reference state_dict
+(``ReferenceAlexNet`` keys), so a checkpoint written by any placement (one device, several
+devices, one process per group) resumes or evaluates under any other.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle error, foreign file
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a checkpoint ({type(e).__name__}: {e}); "
+                              "pass another path, or delete it to start over") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a checkpoint of this project (format {FORMAT})")
+    return ckpt
+
+
+def check_compatible(ckpt: dict, model_cfg: dict, path: str) -> None:
+    """Refuse a checkpoint of another architecture before anything is loaded."""
+    saved = ckpt["config"]["model"]
+    for key in ("groups", "num_classes", "in_channels", "input_size", "conv_channels", "fc_widths", "cross_group"):
+        if saved.get(key) != model_cfg.get(key):
+            raise CheckpointError(f"{path!r} was trained with model.{key}={saved.get(key)}, but this config has "
+                                  f"{model_cfg.get(key)}; use the run's own config (config.yaml in its run dir)")
+
+
+def model_state(model) -> dict:
+    return model.to_reference()
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """SGD momentum buffers in the reference layout (missing buffers, before the first step, are zeros)."""
+    def buf(p):
+        state = optimizer.state.get(p, {})
+        b = state.get("momentum_buffer")
+        return b if b is not None else torch.zeros_like(p)
+    return {"momentum": model.to_reference(buf)}
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    for p, value in model.from_reference(state["momentum"]).items():
+        optimizer.state[p]["momentum_buffer"] = value.clone()

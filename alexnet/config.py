@@ -1,0 +1,185 @@
+"""Configuration: every key, its default and its meaning in one place; YAML files override, --set overrides those.
+
+A YAML file may name one parent with ``inherit: <path relative to the file>``. Unknown
+keys and wrong types are rejected with the key's path and the closest valid key.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+
+import yaml
+
+DEFAULTS: dict = {
+    "model": {
+        "groups": 2,                 # G, the number of filter groups
+        "num_classes": 1000,
+        "in_channels": 3,
+        "input_size": 227,           # square input; 227 makes the paper's conv1 give 55x55
+        "conv_channels": [96, 256, 384, 384, 256],   # total over groups, each divisible by G
+        "kernels": [11, 5, 3, 3, 3],
+        "strides": [4, 1, 1, 1, 1],
+        "paddings": [0, 2, 1, 1, 1],
+        "fc_widths": [4096, 4096],   # fc6, fc7 (fc8 has num_classes)
+        "cross_group": ["conv3", "fc6", "fc7", "fc8"],  # layers that see every group's input
+        "lrn": True,                 # paper LRN after conv1 and conv2 (k=2, n=5, alpha=1e-4, beta=0.75)
+        "dropout": 0.5,              # on fc6 and fc7
+        "init": "paper",             # paper | caffe | kaiming
+    },
+    "optim": {
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "paper",         # paper (/10 on plateau, <= max_drops times) | step | cosine | constant
+        "patience": 1,               # paper: epochs without val-error improvement before dividing by 10
+        "max_drops": 3,
+        "step_size": 30,             # step: epochs between drops
+        "gamma": 0.1,                # step: factor per drop
+        "warmup_epochs": 0,          # linear warm-up (cosine and step)
+    },
+    "train": {
+        "epochs": 90,
+        "precision": "fp32",         # fp32 | bf16 (autocast; CUDA)
+        "log_every": 50,             # steps between TensorBoard loss points
+        "filter_images_every": 1,    # epochs between conv1 filter pictures in TensorBoard (0: never)
+    },
+    "data": {
+        "dataset": "fashion_mnist",  # fashion_mnist | imagefolder | fake
+        "root": None,                # dataset folder; fashion_mnist: None searches $FASHION_MNIST_DIR, Debian path, cache
+        "batch_size": 128,           # global batch (split over data-parallel replicas)
+        "val_batch_size": 512,
+        "workers": 4,                # imagefolder loader processes
+        "augment": True,             # random crop + flip (fashion_mnist)
+        "pca_std": 0.1,              # imagefolder PCA colour noise
+        "eval_crops": 1,             # imagefolder: 1 (centre) or 10
+        "limit": 0,                  # >0: use only the first N samples of each split (quick runs)
+        "fake_train_samples": 512,
+        "fake_val_samples": 256,
+    },
+    "parallel": {
+        "placement": "auto",         # local | distributed | auto (distributed when launched by torchrun)
+        "devices": ["auto"],         # local: one slot per entry (cpu, cuda:0, ...); [auto]: one per GPU, at most G
+        "backend": "auto",           # distributed: nccl with CUDA, else gloo
+    },
+    "run": {
+        "seed": 0,
+        "dir": None,                 # default runs/<config family>/g<G>-s<seed>
+        "deterministic": False,      # torch.use_deterministic_algorithms (slower on GPU)
+    },
+}
+
+# Keys whose default is None, and what they accept.
+NULLABLE = {"data.root": str, "run.dir": str}
+CHOICES = {"model.init": ("paper", "caffe", "kaiming"), "optim.schedule": ("paper", "step", "cosine", "constant"),
+           "data.dataset": ("fashion_mnist", "imagefolder", "fake"), "train.precision": ("fp32", "bf16"),
+           "parallel.placement": ("local", "distributed", "auto"), "parallel.backend": ("auto", "nccl", "gloo")}
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key and the fix."""
+
+
+def _closest(key: str, options) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out.extend(_flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])
+    return out
+
+
+def _check_type(path: str, value, default):
+    if value is None and path in NULLABLE:
+        return None
+    expected = NULLABLE.get(path, type(default))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {expected.__name__}, got {value!r} ({type(value).__name__})")
+    if path in CHOICES and value not in CHOICES[path]:
+        raise ConfigError(f"{path}: {value!r} is not one of {list(CHOICES[path])}")
+    return value
+
+
+def merge(base: dict, override: dict, defaults: dict = DEFAULTS, prefix: str = "") -> dict:
+    """``base`` updated with ``override``; every key of ``override`` must exist in ``defaults``."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{prefix}{key}"
+        if key not in defaults:
+            raise ConfigError(f"unknown config key {path!r}{_closest(path, _flat_keys(DEFAULTS))}")
+        if isinstance(defaults[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a section of keys, got {value!r}")
+            out[key] = merge(out[key], value, defaults[key], path + ".")
+        else:
+            out[key] = _check_type(path, value, defaults[key])
+    return out
+
+
+def read_yaml(path: str, seen: tuple = ()) -> dict:
+    """A YAML file with its ``inherit:`` parent merged underneath (one parent per file, chains allowed)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"{path}: inherit loop through {list(seen)}")
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    parent = doc.pop("inherit", None)
+    if parent is None:
+        return merge(DEFAULTS, doc)
+    base = read_yaml(os.path.join(os.path.dirname(path), parent), seen + (os.path.abspath(path),))
+    try:
+        return merge(base, doc)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=0.02")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        tree = value
+        for part in reversed(parts):
+            tree = {part: tree}
+        cfg = merge(cfg, tree)
+    return cfg
+
+
+def family_of(path: str) -> str:
+    """runs/<family>: the config's folder under configs/ (configs/fashion_mnist/g2.yaml -> fashion_mnist)."""
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return os.path.splitext(os.path.basename(path))[0] if parent == "configs" else parent
+
+
+def load(path: str | None, overrides: list[str] | None = None) -> dict:
+    """The resolved config: defaults <- YAML (with its parents) <- --set overrides."""
+    cfg = read_yaml(path) if path else copy.deepcopy(DEFAULTS)
+    cfg = apply_overrides(cfg, overrides or [])
+    if cfg["run"]["dir"] is None:
+        family = family_of(path) if path else "default"
+        cfg["run"]["dir"] = os.path.join("runs", family, f"g{cfg['model']['groups']}-s{cfg['run']['seed']}")
+    return cfg
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,105 @@
+"""One epoch of training, and evaluation: flat functions over a model, a loader and a placement.
+
+The placement supplies the few things that differ between one process and torchrun:
+where the batch goes, gradient averaging over data replicas, and metric reduction.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def topk_wrong(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    """Number of samples whose label is not among the top-k logits, for each k (device tensors)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top.eq(labels[:, None])
+    return [(~hit[:, :min(k, kmax)].any(dim=1)).sum() for k in ks]
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, step: int, precision: str = "fp32",
+                    progress=None, on_log=None, log_every: int = 50, should_stop=lambda: False) -> dict:
+    """Forward, backward, step over the loader; returns epoch metrics and the new global step.
+
+    The host reads the loss only every ``log_every`` steps, so GPU groups never wait on it.
+    """
+    model.train()
+    device = placement.output_device
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, top1 wrong, top5 wrong, n
+    seen = 0
+    stopped = False
+    start = time.perf_counter()
+    for images, labels in loader:
+        lr = schedule.lr(step, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(placement.input_device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(precision, device):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        placement.sync_gradients(model.parameters())
+        optimizer.step()
+        with torch.no_grad():
+            wrong1, wrong5 = topk_wrong(logits, labels)
+            n = labels.shape[0]
+            sums += torch.stack([loss.detach().double() * n, wrong1.double(), wrong5.double(),
+                                 torch.tensor(n, dtype=torch.float64, device=device)])
+        seen += images.shape[0]
+        step += 1
+        if step % log_every == 0:
+            running = (sums[0] / sums[3]).item()
+            if on_log:
+                on_log(step, loss.item(), lr)
+            if progress:
+                progress.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.3g}")
+        if progress:
+            progress.update(1)
+        if should_stop():
+            stopped = True
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    sums = placement.all_reduce_sum(sums)
+    replicas = placement.num_replicas
+    return {"train_loss": (sums[0] / sums[3]).item(), "train_top1_err": 100.0 * (sums[1] / sums[3]).item(),
+            "train_top5_err": 100.0 * (sums[2] / sums[3]).item(), "images_per_s": seen * replicas / elapsed,
+            "train_s": elapsed, "step": step, "stopped": stopped}
+
+
+@torch.no_grad()
+def evaluate(model, loader, placement, precision: str = "fp32") -> dict:
+    """Top-1/top-5 error (percent) and loss over the whole loader; 10-crop batches are averaged."""
+    model.eval()
+    device = placement.output_device
+    sums = torch.zeros(4, device=device, dtype=torch.float64)
+    for images, labels in loader:
+        images = images.to(placement.input_device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        crops = images.shape[1] if images.ndim == 5 else 1
+        if crops > 1:
+            images = images.flatten(0, 1)
+        with autocast(precision, device):
+            logits = model(images).float()
+        if crops > 1:
+            logits = logits.softmax(-1).view(-1, crops, logits.shape[-1]).mean(1).log()
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        wrong1, wrong5 = topk_wrong(logits, labels)
+        sums += torch.stack([loss.double(), wrong1.double(), wrong5.double(),
+                             torch.tensor(labels.shape[0], dtype=torch.float64, device=device)])
+    sums = placement.all_reduce_sum(sums)
+    n = sums[3].item()
+    return {"val_loss": (sums[0] / n).item(), "val_top1_err": 100.0 * (sums[1] / n).item(),
+            "val_top5_err": 100.0 * (sums[2] / n).item(), "val_samples": int(n)}

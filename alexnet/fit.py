@@ -1,0 +1,136 @@
+"""The training run: build everything from the config, train epoch by epoch, checkpoint, log, summarise."""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from alexnet import checkpoint as ckpt_io
+from alexnet.build import data_from_config, placement_from_config, spec_from_config
+from alexnet.config import dump
+from alexnet.engine import evaluate, train_one_epoch
+from alexnet.init import init_reference_state
+from alexnet.logs import RunLog
+from alexnet.model import GroupAlexNet
+from alexnet.schedule import LRSchedule
+
+
+def epoch_seed(seed: int, epoch: int, process_index: int) -> int:
+    """Dropout randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly."""
+    return (seed * 1_000_003 + epoch * 10_007 + process_index * 101) % (2 ** 63)
+
+
+def build_run(cfg: dict, placement=None):
+    """Spec, placement, model (initialised from the seed), optimizer: everything but data."""
+    spec = spec_from_config(cfg)
+    placement = placement or placement_from_config(cfg)
+    model = GroupAlexNet(spec, placement)
+    model.load_reference(init_reference_state(spec, cfg["run"]["seed"]))
+    o = cfg["optim"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+    return spec, placement, model, optimizer
+
+
+def resolve_resume(resume: str | None, run_dir: str) -> str | None:
+    """``--resume`` with no path means the run directory's latest checkpoint."""
+    if resume == "latest":
+        path = os.path.join(run_dir, "checkpoints", "last.pt")
+        if not os.path.isfile(path):
+            raise ckpt_io.CheckpointError(f"--resume: no checkpoint in {os.path.dirname(path)}; "
+                                          "run without --resume to start, or pass a checkpoint path")
+        return path
+    return resume
+
+
+def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = None, should_stop=lambda: False,
+        placement=None, quiet: bool = False) -> dict:
+    """Train as the config says; returns the summary (also written to summary.json)."""
+    torch.manual_seed(cfg["run"]["seed"])
+    if cfg["run"]["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    spec, placement, model, optimizer = build_run(cfg, placement)
+    run_dir = cfg["run"]["dir"]
+    train_loader, val_loader = data_from_config(cfg, placement)
+    o, t = cfg["optim"], cfg["train"]
+    schedule = LRSchedule(o["schedule"], o["lr"], t["epochs"], len(train_loader), o["patience"], o["max_drops"],
+                          o["step_size"], o["gamma"], o["warmup_epochs"])
+    start_epoch, step, wall_before = 0, 0, 0.0
+    resume_path = resolve_resume(resume, run_dir)
+    if resume_path:
+        ckpt = ckpt_io.load(resume_path)
+        ckpt_io.check_compatible(ckpt, cfg["model"], resume_path)
+        model.load_reference(ckpt["model"])
+        ckpt_io.load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        start_epoch, step, wall_before = ckpt["epoch"], ckpt["step"], ckpt["wall_s"]
+    log = RunLog(run_dir, placement.is_main, start_epoch, step)
+    if placement.is_main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(dump(cfg))
+    mb_per_step = 0.0
+    run_start = time.perf_counter()
+    for epoch in range(start_epoch, t["epochs"]):
+        torch.manual_seed(epoch_seed(cfg["run"]["seed"], epoch, placement.process_index))
+        train_loader.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
+                   disable=quiet or not placement.is_main, leave=False, dynamic_ncols=True)
+        placement.counter.reset()
+        result = train_one_epoch(model, train_loader, optimizer, schedule, placement, epoch, step, t["precision"],
+                                 progress=bar, log_every=t["log_every"], should_stop=should_stop,
+                                 on_log=lambda s, loss, lr: (log.scalar("train/loss", loss, s), log.scalar("train/lr", lr, s)))
+        bar.close()
+        steps_done = result["step"] - step
+        mb_per_step = placement.counter.total() / max(1, steps_done) / 1e6
+        step = result["step"]
+        if result["stopped"]:  # pre-empted mid-epoch: the last completed epoch's checkpoint stands
+            break
+        val = evaluate(model, val_loader, placement, t["precision"])
+        lr_used = schedule.lr(step - 1, epoch)
+        schedule.end_epoch(val["val_top1_err"])
+        epoch_s = time.perf_counter() - epoch_start
+        record = {"epoch": epoch + 1, "step": step, "train_loss": result["train_loss"],
+                  "train_top1_err": result["train_top1_err"], "train_top5_err": result["train_top5_err"],
+                  "val_loss": val["val_loss"], "val_top1_err": val["val_top1_err"], "val_top5_err": val["val_top5_err"],
+                  "lr": lr_used, "images_per_s": result["images_per_s"], "cross_group_mb_per_step": mb_per_step,
+                  "epoch_s": epoch_s}
+        log.epoch(record)
+        if placement.is_main and not quiet:
+            print(f"epoch {epoch + 1}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "
+                  f"{record['val_top1_err']:.2f}%  top-5 {record['val_top5_err']:.2f}%  lr {lr_used:.3g}  "
+                  f"{record['images_per_s']:.0f} img/s  {epoch_s:.1f}s", flush=True)
+        state = {"format": ckpt_io.FORMAT, "config": cfg, "epoch": epoch + 1, "step": step,
+                 "model": ckpt_io.model_state(model), "optimizer": ckpt_io.optimizer_state(model, optimizer),
+                 "schedule": schedule.state_dict(),
+                 "wall_s": wall_before + time.perf_counter() - run_start}
+        if placement.is_main:
+            ckpt_io.save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
+        placement.barrier()
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+        if should_stop():
+            break
+    history = log.history() if placement.is_main else []
+    finished = bool(history) and history[-1]["epoch"] == t["epochs"]
+    summary = make_summary(cfg, spec, placement, history, wall_before + time.perf_counter() - run_start, mb_per_step)
+    if finished:
+        log.summary(summary)
+    log.close()
+    return summary
+
+
+def make_summary(cfg: dict, spec, placement, history: list[dict], wall_s: float, mb_per_step: float) -> dict:
+    final = history[-1] if history else {}
+    speeds = [h["images_per_s"] for h in history]
+    return {"groups": spec.groups, "seed": cfg["run"]["seed"], "data_replicas": placement.num_replicas,
+            "params": spec.params(), "macs": spec.macs(), "epochs": final.get("epoch", 0),
+            "final_val_top1_err": final.get("val_top1_err", math.nan),
+            "final_val_top5_err": final.get("val_top5_err", math.nan),
+            "best_val_top1_err": min((h["val_top1_err"] for h in history), default=math.nan),
+            "best_val_top5_err": min((h["val_top5_err"] for h in history), default=math.nan),
+            "images_per_s": sum(speeds) / len(speeds) if speeds else math.nan,
+            "cross_group_mb_per_step": mb_per_step, "wall_s": wall_s,
+            "placement": placement.describe()}

@@ -1,0 +1,72 @@
+"""What a run writes: TensorBoard events, metrics.jsonl (one line per epoch), summary.json.
+
+Only the main process writes; the others get a ``RunLog`` whose methods do nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+
+def write_json_atomic(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunLog:
+    def __init__(self, run_dir: str, enabled: bool, resume_epoch: int = 0, resume_step: int = 0):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self.writer = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        # Keep only the epochs the checkpoint covers: a crash between the metrics line
+        # and the checkpoint must not leave a duplicate epoch behind.
+        kept = [m for m in read_metrics(self.metrics_path) if m["epoch"] <= resume_epoch]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in kept)
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(run_dir, purge_step=resume_step if resume_step else None)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer:
+            self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, img, step: int) -> None:
+        if self.writer:
+            self.writer.add_image(tag, img, step)
+
+    def epoch(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        epoch = record["epoch"]
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"epoch/{key}", value, epoch)
+        self.writer.flush()
+
+    def history(self) -> list[dict]:
+        return read_metrics(self.metrics_path)
+
+    def summary(self, summary: dict) -> None:
+        if self.enabled:
+            write_json_atomic(summary, os.path.join(self.run_dir, "summary.json"))
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

@@ -1,0 +1,163 @@
+"""Fashion-MNIST, the embedded default: found on disk, held in memory, augmented on the batch.
+
+Search order: ``data.root`` alone when set (downloading into it if the files are absent);
+otherwise ``$FASHION_MNIST_DIR``, the Debian/Ubuntu package path, and torchvision's
+download into a cache directory.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import torch
+
+from data.errors import DataError
+from data.sampler import ReplicaBatchSampler, epoch_generator
+
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "filter-groups", "fashion-mnist")
+FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+         "val_images": "t10k-images-idx3-ubyte", "val_labels": "t10k-labels-idx1-ubyte"}
+MEAN, STD = 0.2860, 0.3530
+HOW_TO_GET = ("get it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set "
+              "FASHION_MNIST_DIR / data.root to a folder holding the four *-ubyte(.gz) files, "
+              "or allow internet access once so torchvision can download them")
+
+
+def _find_file(directory: str, stem: str) -> str | None:
+    for sub in ("", "FashionMNIST/raw", "raw"):
+        for ext in (".gz", ""):
+            path = os.path.join(directory, sub, stem + ext)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _complete(directory: str) -> dict[str, str] | None:
+    paths = {key: _find_file(directory, stem) for key, stem in FILES.items()}
+    return paths if all(paths.values()) else None
+
+
+def _download(directory: str) -> dict[str, str] | None:
+    try:
+        from torchvision.datasets import FashionMNIST
+        for train in (True, False):
+            FashionMNIST(directory, train=train, download=True)
+    except Exception:  # no internet, no permission: reported by the caller with the fix
+        return None
+    return _complete(directory)
+
+
+def locate(root: str | None = None, cache_dir: str | None = None) -> dict[str, str]:
+    """Paths of the four IDX files, or a DataError that says how to get them."""
+    if root:
+        found = _complete(root) or _download(root)
+        if not found:
+            raise DataError(f"Fashion-MNIST not found in data.root={root!r} and could not be downloaded there; "
+                            + HOW_TO_GET)
+        return found
+    candidates = [os.environ.get("FASHION_MNIST_DIR"), DEBIAN_DIR, cache_dir or DEFAULT_CACHE]
+    for directory in filter(None, candidates):
+        found = _complete(directory)
+        if found:
+            return found
+    found = _download(cache_dir or DEFAULT_CACHE)
+    if not found:
+        raise DataError("Fashion-MNIST not found (looked in $FASHION_MNIST_DIR, "
+                        f"{DEBIAN_DIR}, {cache_dir or DEFAULT_CACHE}) and the download failed; " + HOW_TO_GET)
+    return found
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """Read an IDX file (optionally gzipped) of unsigned bytes into a uint8 tensor."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+        dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    except (OSError, EOFError, struct.error) as e:
+        raise DataError(f"{path} is not a readable IDX file ({e}); delete it and fetch it again") from None
+    body = raw[4 + 4 * ndim:]
+    if zero != 0 or dtype != 0x08 or len(body) != _prod(dims):
+        raise DataError(f"{path} is corrupt or truncated (header {dims}, {len(body)} data bytes); "
+                        "delete it and fetch it again")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
+
+
+def _prod(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+class InMemoryLoader:
+    """Batches of an in-memory uint8 image tensor, normalised, optionally augmented.
+
+    Augmentation runs on the whole batch at once (pad, random crop by index arithmetic,
+    horizontal flip), so it costs a few tensor ops per batch rather than a Python loop
+    per image. Randomness comes from (seed, epoch): resuming replays it exactly.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, size: int, train: bool,
+                 seed: int = 0, replica: int = 0, num_replicas: int = 1, crop_padding: int = 2,
+                 flip: bool = True, mean: float = MEAN, std: float = STD):
+        self.images, self.labels = images, labels.long()
+        self.size, self.train, self.seed = size, train, seed
+        self.crop_padding, self.flip, self.mean, self.std = crop_padding, flip, mean, std
+        self.sampler = ReplicaBatchSampler(len(labels), batch_size, shuffle=train, seed=seed,
+                                           replica=replica, num_replicas=num_replicas)
+        self.num_samples = len(labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        gen = epoch_generator(self.seed, self.sampler.epoch, stream=1)
+        for idx in self.sampler:
+            idx = torch.tensor(idx, dtype=torch.long)
+            x = self.images[idx].float().div_(255.0)
+            if x.ndim == 3:
+                x = x.unsqueeze(1)
+            x = self._augment(x, gen) if self.train else self._centre(x)
+            yield (x - self.mean) / self.std, self.labels[idx]
+
+    def _centre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad (or crop) symmetrically to ``size`` x ``size``."""
+        pad = self.size - x.shape[-1]
+        lo = pad // 2
+        return torch.nn.functional.pad(x, (lo, pad - lo, lo, pad - lo))
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n = x.shape[0]
+        p = self.crop_padding
+        padded = torch.nn.functional.pad(self._centre(x), (p, p, p, p))
+        top = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        left = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        ar = torch.arange(self.size)
+        rows = (top[:, None] + ar)[:, None, :, None]
+        cols = (left[:, None] + ar)[:, None, None, :]
+        out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+        if self.flip:
+            flip = torch.rand(n, generator=gen) < 0.5
+            out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+        return out
+
+
+def build(root: str | None, batch_size: int, val_batch_size: int, size: int, seed: int, replica: int,
+          num_replicas: int, augment: bool = True, cache_dir: str | None = None, limit: int = 0):
+    """Train and validation loaders over Fashion-MNIST (``limit`` > 0 keeps the first samples of each)."""
+    paths = locate(root, cache_dir)
+    tensors = {key: read_idx(path) for key, path in paths.items()}
+    if limit:
+        tensors = {key: t[:limit] for key, t in tensors.items()}
+    train = InMemoryLoader(tensors["train_images"], tensors["train_labels"], batch_size, size, True, seed,
+                           replica, num_replicas, crop_padding=2 if augment else 0, flip=augment)
+    val = InMemoryLoader(tensors["val_images"], tensors["val_labels"], val_batch_size, size, False, seed,
+                         replica, num_replicas)
+    return train, val

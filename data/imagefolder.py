@@ -1,0 +1,84 @@
+"""ImageNet (or any ``train/<class>/*``, ``val/<class>/*`` tree) with the paper's transforms.
+
+Train: shorter side to 256, random ``size`` crop (224 or 227), horizontal flip, PCA colour
+noise (Krizhevsky 2012: add eigvec @ (alpha * eigval), alpha ~ N(0, 0.1), pixels in [0, 1]).
+Validation: shorter side 256, then the centre crop, or 10 crops (4 corners + centre, and
+their flips) whose predictions the evaluation averages.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torchvision import datasets, transforms
+
+from data.errors import DataError
+from data.sampler import ReplicaBatchSampler
+
+EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+class PCALighting:
+    """x + V (alpha * lambda), alpha ~ N(0, std^2) per image: AlexNet's colour augmentation."""
+
+    def __init__(self, std: float = 0.1):
+        self.std = std
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.std == 0:
+            return img
+        alpha = torch.randn(3) * self.std
+        return img + (EIGVEC @ (alpha * EIGVAL)).view(3, 1, 1)
+
+
+def train_transform(size: int, pca_std: float):
+    return transforms.Compose([transforms.Resize(256), transforms.RandomCrop(size), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), PCALighting(pca_std), transforms.Normalize(MEAN, STD)])
+
+
+def eval_transform(size: int, crops: int):
+    norm = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    if crops == 10:
+        return transforms.Compose([transforms.Resize(256), transforms.TenCrop(size),
+                                   transforms.Lambda(lambda cs: torch.stack([norm(c) for c in cs]))])
+    if crops != 1:
+        raise DataError(f"data.eval_crops must be 1 or 10, got {crops}")
+    return transforms.Compose([transforms.Resize(256), transforms.CenterCrop(size), norm])
+
+
+class FolderLoader:
+    """A DataLoader over this replica's slice of each global batch (see data.sampler)."""
+
+    def __init__(self, dataset, batch_size: int, train: bool, seed: int, replica: int, num_replicas: int, workers: int):
+        self.sampler = ReplicaBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed, replica=replica,
+                                           num_replicas=num_replicas, drop_last=train)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
+                                                  pin_memory=torch.cuda.is_available(),
+                                                  persistent_workers=workers > 0)
+        self.num_samples = len(dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build(root: str | None, batch_size: int, val_batch_size: int, size: int, seed: int, replica: int,
+          num_replicas: int, workers: int = 4, pca_std: float = 0.1, eval_crops: int = 1):
+    if not root:
+        raise DataError("data.dataset=imagefolder needs data.root: a folder with train/<class>/ and val/<class>/")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise DataError(f"{os.path.join(root, split)} does not exist; data.root must hold train/ and val/ "
+                            "folders of class sub-folders (the ImageNet layout)")
+    train_set = datasets.ImageFolder(os.path.join(root, "train"), train_transform(size, pca_std))
+    val_set = datasets.ImageFolder(os.path.join(root, "val"), eval_transform(size, eval_crops))
+    train = FolderLoader(train_set, batch_size, True, seed, replica, num_replicas, workers)
+    val = FolderLoader(val_set, val_batch_size, False, seed, replica, num_replicas, workers)
+    return train, val

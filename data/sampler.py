@@ -1,0 +1,44 @@
+"""Which samples each data-parallel replica sees in each step.
+
+The global batch of step i is ``perm[i*B:(i+1)*B]`` of an epoch permutation drawn from
+(seed, epoch) alone, so a resumed run replays exactly the order an uninterrupted run
+would, and replica d of D takes the d-th contiguous slice of every global batch: all
+ranks of one replica see the same batch, and D replicas together see the batch one
+replica would have seen.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, epoch, stream)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + stream)
+
+
+class ReplicaBatchSampler:
+    """Yields index lists: this replica's slice of each global batch."""
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int = 0,
+                 replica: int = 0, num_replicas: int = 1, drop_last: bool = False):
+        if batch_size < num_replicas:
+            raise ValueError(f"data.batch_size ({batch_size}) is smaller than the number of replicas ({num_replicas})")
+        self.num_samples, self.batch_size, self.shuffle, self.seed = num_samples, batch_size, shuffle, seed
+        self.replica, self.num_replicas, self.drop_last = replica, num_replicas, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        for i in range(len(self)):
+            batch = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield torch.tensor_split(batch, self.num_replicas)[self.replica].tolist()

@@ -1,0 +1,106 @@
+"""Train AlexNet with G filter groups, each group on its own device or process.
+
+Usage:
+  python train.py --config configs/fashion_mnist/g2.yaml              # one process, devices from the config
+  python train.py --config configs/smoke.yaml --set model.groups=4    # override any key
+  python train.py --config configs/imagenet/g2.yaml --set parallel.devices=[cuda:0,cuda:1]
+  torchrun --nproc-per-node 2 train.py --config configs/fashion_mnist/g2.yaml   # one process per group
+  python train.py --config C --resume            # continue from the run directory's last checkpoint
+  python train.py --config C --resume PATH       # ... or from a given checkpoint
+  python train.py --evaluate runs/fashion_mnist/g2-s0/checkpoints/last.pt
+
+Writes runs/<family>/g<G>-s<seed>/ (or run.dir): config.yaml, TensorBoard events,
+metrics.jsonl, checkpoints/last.pt, summary.json. Bad input ends with one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+from alexnet.checkpoint import CheckpointError
+from alexnet.config import ConfigError
+from alexnet.spec import SpecError
+from data.errors import DataError
+from parallel.placement import PlacementError
+
+USER_ERRORS = (ConfigError, SpecError, PlacementError, DataError, CheckpointError)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", help="YAML config (may `inherit:` a parent)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=0.02 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from the run directory's last checkpoint, or from PATH")
+    p.add_argument("--evaluate", metavar="CKPT", help="evaluate a checkpoint on the validation set and exit")
+    return p.parse_args(argv)
+
+
+class StopFlag:
+    """Set by SIGTERM (cluster pre-emption): finish the step, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            self.requested = True
+        signal.signal(signal.SIGTERM, handler)
+
+
+def run_evaluate(args) -> dict:
+    from alexnet import checkpoint as ckpt_io
+    from alexnet.build import data_from_config
+    from alexnet.config import apply_overrides, load
+    from alexnet.engine import evaluate
+    from alexnet.fit import build_run
+    ckpt = ckpt_io.load(args.evaluate)
+    cfg = load(args.config, args.overrides) if args.config else apply_overrides(ckpt["config"], args.overrides)
+    ckpt_io.check_compatible(ckpt, cfg["model"], args.evaluate)
+    _, placement, model, _ = build_run(cfg)
+    model.load_reference(ckpt["model"])
+    _, val_loader = data_from_config(cfg, placement)
+    result = evaluate(model, val_loader, placement, cfg["train"]["precision"])
+    result["epoch"] = ckpt["epoch"]
+    if placement.is_main:
+        print(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.evaluate:
+            run_evaluate(args)
+            return 0
+        if not args.config:
+            raise ConfigError("--config is required (e.g. --config configs/fashion_mnist/g2.yaml)")
+        from alexnet.config import load
+        from alexnet.fit import fit
+        cfg = load(args.config, args.overrides)
+        stop = StopFlag()
+        stop.install()
+        summary = fit(cfg, resume=args.resume, should_stop=stop)
+        if stop.requested:
+            print(f"stopped by SIGTERM; resume with --resume (checkpoint in {cfg['run']['dir']}/checkpoints)",
+                  file=sys.stderr)
+        elif summary.get("epochs"):
+            print(json.dumps(summary, indent=2))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last completed epoch's checkpoint is kept (resume with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

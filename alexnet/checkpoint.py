@@ -31,7 +31,7 @@ def load(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle error, foreign file
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a checkpoint ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a checkpoint ({type(e).__name__}: {first_line(e)}); "
                               "pass another path, or delete it to start over") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path!r} is not a checkpoint of this project (format {FORMAT})")
@@ -63,3 +63,8 @@ def optimizer_state(model, optimizer) -> dict:
 def load_optimizer_state(model, optimizer, state: dict) -> None:
     for p, value in model.from_reference(state["momentum"]).items():
         optimizer.state[p]["momentum_buffer"] = value.clone()
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""

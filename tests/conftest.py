@@ -24,3 +24,9 @@ def tiny_spec(groups: int, **overrides) -> AlexNetSpec:
 @pytest.fixture
 def root():
     return ROOT
+
+
+@pytest.fixture(autouse=True)
+def in_repo_root(monkeypatch):
+    """Config paths in tests are relative to the repository root, as in the README."""
+    monkeypatch.chdir(ROOT)

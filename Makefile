@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:
+#   make demo   set up, get Fashion-MNIST, run the group-count study (G = 1..4)
+#   make test   set up if needed, run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The torch build to install first (this project is tested with these versions).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test setup fashion-mnist clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Debian/Ubuntu ship Fashion-MNIST as a package; elsewhere train.py downloads it with torchvision.
+fashion-mnist:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) || echo "apt failed; torchvision will download it"; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	  (sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist) || echo "apt failed; torchvision will download it"; \
+	else echo "no apt: train.py will download Fashion-MNIST with torchvision"; fi
+
+demo: setup fashion-mnist
+	$(BIN)/python train.py --config configs/fashion_mnist/g2.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

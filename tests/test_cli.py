@@ -1,0 +1,113 @@
+"""train.py: smoke run output, one-line errors with exit code 2, resume, evaluate."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alexnet.config import ConfigError, load
+from alexnet.fit import fit
+
+TINY = ["model.conv_channels=[12,24,36,36,24]", "model.fc_widths=[48,48]", "model.kernels=[3,3,3,3,3]",
+        "model.strides=[1,1,1,1,1]", "model.paddings=[1,1,1,1,1]"]
+
+
+def run_cli(root, *args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(root, "train.py"), *args], capture_output=True, text=True,
+                          cwd=cwd or root, timeout=300)
+
+
+def test_smoke_run_writes_events_metrics_summary(root, tmp_path):
+    proc = run_cli(root, "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    files = os.listdir(tmp_path)
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for key in ("epoch", "train_loss", "val_top1_err", "val_top5_err", "lr", "images_per_s"):
+        assert key in lines[0]
+    summary = json.load(open(tmp_path / "summary.json"))
+    for key in ("groups", "params", "macs", "final_val_top1_err", "final_val_top5_err", "best_val_top1_err",
+                "images_per_s", "wall_s"):
+        assert key in summary
+    assert summary["final_val_top1_err"] == lines[-1]["val_top1_err"]
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "optim.lrr=0.1"], "optim.lr"),
+    (["--set", "optim.lr=fast"], "optim.lr"),
+    (["--set", "model.groups=3", "--set", "model.conv_channels=[36,256,144,144,96]"], "conv2"),
+    (["--set", "parallel.devices=[cpu,cpu,cpu]"], "parallel.devices"),
+    (["--set", "data.dataset=imagefolder", "--set", "data.root=/nonexistent"], "/nonexistent"),
+])
+def test_bad_input_is_one_line_and_exit_2(root, tmp_path, args, needle):
+    proc = run_cli(root, "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_mistyped_key_suggests_closest():
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
+        load("configs/smoke.yaml", ["optim.lrr=0.1"])
+
+
+def test_g3_with_256_wide_conv2_names_fix():
+    with pytest.raises(Exception, match=r"conv2 has 256 channels.*255 or 258"):
+        load_and_build("configs/imagenet/g3.yaml", ["model.conv_channels=[96,256,384,384,255]"])
+
+
+def load_and_build(path, overrides):
+    from alexnet.build import spec_from_config
+    return spec_from_config(load(path, overrides))
+
+
+def _cfg(tmp_path, name):
+    return load("configs/smoke.yaml", TINY + [f"run.dir={tmp_path / name}", "model.dropout=0.5"])
+
+
+def test_resumed_run_continues_exactly(tmp_path):
+    """Stop after epoch 1, resume: epoch 2 equals the uninterrupted run's epoch 2."""
+    fit(_cfg(tmp_path, "straight"), quiet=True)
+    fit(_cfg(tmp_path, "stopped"), stop_after_epoch=1, quiet=True)
+    assert not (tmp_path / "stopped" / "summary.json").exists()
+    fit(_cfg(tmp_path, "stopped"), resume="latest", quiet=True)
+    a = [json.loads(x) for x in open(tmp_path / "straight" / "metrics.jsonl")]
+    b = [json.loads(x) for x in open(tmp_path / "stopped" / "metrics.jsonl")]
+    assert [m["epoch"] for m in b] == [1, 2]
+    for key in ("train_loss", "val_top1_err", "val_top5_err", "val_loss", "lr", "step"):
+        assert a[1][key] == b[1][key], key
+    sa = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    sb = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+
+
+def test_corrupt_checkpoint_is_one_line(root, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run_cli(root, "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}", "--resume", str(bad))
+    assert proc.returncode == 2 and "corrupt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_checkpoint_matches_last_epoch(root, tmp_path):
+    cfg = _cfg(tmp_path, "run")
+    fit(cfg, quiet=True)
+    proc = run_cli(root, "--evaluate", str(tmp_path / "run" / "checkpoints" / "last.pt"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    last = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")][-1]
+    assert result["val_top1_err"] == pytest.approx(last["val_top1_err"])
+
+
+def test_checkpoint_of_other_groups_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, "g2")
+    fit(cfg, stop_after_epoch=1, quiet=True)
+    from alexnet.checkpoint import CheckpointError
+    other = load("configs/smoke.yaml", TINY + [f"run.dir={tmp_path / 'g2'}", "model.groups=4"])
+    with pytest.raises(CheckpointError, match="model.groups=2"):
+        fit(other, resume="latest", quiet=True)

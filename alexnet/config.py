@@ -50,7 +50,8 @@ DEFAULTS: dict = {
         "batch_size": 128,           # global batch (split over data-parallel replicas)
         "val_batch_size": 512,
         "workers": 4,                # imagefolder loader processes
-        "augment": True,             # random crop + flip (fashion_mnist)
+        "augment": True,             # fashion_mnist: random horizontal flips, and crops if crop_padding > 0
+        "crop_padding": 2,           # fashion_mnist: random crops of the image padded by this many pixels
         "pca_std": 0.1,              # imagefolder PCA colour noise
         "eval_crops": 1,             # imagefolder: 1 (centre) or 10
         "limit": 0,                  # >0: use only the first N samples of each split (quick runs)

@@ -20,12 +20,12 @@ class GroupAlexNet(nn.Module):
     concatenated in group order on the placement's output device.
     """
 
-    def __init__(self, spec: AlexNetSpec, placement):
+    def __init__(self, spec: AlexNetSpec, placement, lrn_module: type = FastLRN):
         super().__init__()
         self.spec, self.placement = spec, placement
         self.layer_infos = spec.layers()
         relu = PerGroup(placement, nn.ReLU())
-        lrn = PerGroup(placement, FastLRN(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K))
+        lrn = PerGroup(placement, lrn_module(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K))
         pool = PerGroup(placement, nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE))
         drop = PerGroup(placement, nn.Dropout(spec.dropout))
         self.stages = nn.ModuleList()

@@ -150,14 +150,15 @@ class InMemoryLoader:
 
 
 def build(root: str | None, batch_size: int, val_batch_size: int, size: int, seed: int, replica: int,
-          num_replicas: int, augment: bool = True, cache_dir: str | None = None, limit: int = 0):
+          num_replicas: int, augment: bool = True, crop_padding: int = 2, cache_dir: str | None = None,
+          limit: int = 0):
     """Train and validation loaders over Fashion-MNIST (``limit`` > 0 keeps the first samples of each)."""
     paths = locate(root, cache_dir)
     tensors = {key: read_idx(path) for key, path in paths.items()}
     if limit:
         tensors = {key: t[:limit] for key, t in tensors.items()}
     train = InMemoryLoader(tensors["train_images"], tensors["train_labels"], batch_size, size, True, seed,
-                           replica, num_replicas, crop_padding=2 if augment else 0, flip=augment)
+                           replica, num_replicas, crop_padding=crop_padding if augment else 0, flip=augment)
     val = InMemoryLoader(tensors["val_images"], tensors["val_labels"], val_batch_size, size, False, seed,
                          replica, num_replicas)
     return train, val

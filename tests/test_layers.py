@@ -1,0 +1,146 @@
+"""Every parallel/ layer against its single-device torch reference, forward and backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel import CommCounter, GroupConv2d, GroupLinear, LocalPlacement, PerGroup, PlacementError, gather_output
+from parallel.placement import split_sizes
+
+
+
+def close(actual, expected):
+    """fp32, rtol 1e-5; the absolute floor scales with the tensor (sums over many positions)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * max(1.0, expected.abs().max().item()))
+
+
+def shard(x, placement):
+    """Split a reference activation into per-slot tensors (channels in group order)."""
+    per_group = x.shape[1] // placement.groups
+    return [x[:, s.first * per_group:(s.first + s.count) * per_group].clone().requires_grad_() for s in placement.slots]
+
+
+def load_rows(layer, weight, bias):
+    with torch.no_grad():
+        for (lo, hi), w, b in zip(layer.slot_rows, layer.weights, layer.biases):
+            w.copy_(weight[lo:hi].reshape(w.shape))
+            b.copy_(bias[lo:hi])
+
+
+def grads_by_rows(layer, ref_shape):
+    return torch.cat([w.grad.reshape(w.shape[0], *ref_shape[1:]) for w in layer.weights]), \
+        torch.cat([b.grad for b in layer.biases])
+
+
+LAYOUTS = [(2, ["cpu", "cpu"]), (4, ["cpu"] * 4), (4, ["cpu", "cpu"]), (3, ["cpu"]), (1, ["cpu"])]
+
+
+@pytest.mark.parametrize("G, devices", LAYOUTS)
+@pytest.mark.parametrize("mode", ["own", "all"])
+def test_group_conv2d_matches_torch(G, devices, mode):
+    pl = LocalPlacement(G, devices)
+    ref = nn.Conv2d(12, 24, 3, padding=1, groups=G if mode == "own" else 1)
+    layer = GroupConv2d(pl, 12, 24, 3, padding=1, input_mode=mode, name="c")
+    load_rows(layer, ref.weight, ref.bias)
+    x = torch.randn(3, 12, 8, 8, requires_grad=True)
+    xs = shard(x.detach(), pl)
+    y = torch.cat(layer(xs), 1)
+    close(y, ref(x))
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref(x).backward(g)
+    gw, gb = grads_by_rows(layer, ref.weight.shape)
+    close(gw, ref.weight.grad)
+    close(gb, ref.bias.grad)
+    close(torch.cat([t.grad for t in xs], 1), x.grad)
+
+
+def test_group_conv2d_replicated_input():
+    pl = LocalPlacement(2, ["cpu", "cpu"])
+    ref = nn.Conv2d(3, 8, 5, stride=2)
+    layer = GroupConv2d(pl, 3, 8, 5, stride=2, input_mode="replicated")
+    load_rows(layer, ref.weight, ref.bias)
+    x = torch.randn(2, 3, 16, 16)
+    close(torch.cat(layer(x), 1), ref(x))
+
+
+@pytest.mark.parametrize("G, devices", LAYOUTS)
+def test_group_linear_uneven_split_with_gathered_input(G, devices):
+    pl = LocalPlacement(G, devices)
+    ref = nn.Linear(24, 10)  # 10 outputs over 4 groups: 3, 3, 2, 2
+    layer = GroupLinear(pl, 24, 10, input_mode="all", name="fc")
+    assert layer.group_out == split_sizes(10, G)
+    load_rows(layer, ref.weight, ref.bias)
+    x = torch.randn(5, 24, requires_grad=True)
+    xs = shard(x.detach(), pl)
+    y = gather_output(pl, layer(xs), layer.group_out)
+    close(y, ref(x))
+    y.sum().backward()
+    ref(x).sum().backward()
+    gw, gb = grads_by_rows(layer, ref.weight.shape)
+    close(gw, ref.weight.grad)
+    close(torch.cat([t.grad for t in xs], 1), x.grad)
+
+
+@pytest.mark.parametrize("G, devices", LAYOUTS)
+def test_group_linear_block_diagonal(G, devices):
+    pl = LocalPlacement(G, devices)
+    ref = nn.Conv1d(24, 12, 1, groups=G)  # grouped 1x1 conv == block-diagonal linear
+    layer = GroupLinear(pl, 24, 12, input_mode="own", name="fc")
+    load_rows(layer, ref.weight, ref.bias)
+    x = torch.randn(5, 24, requires_grad=True)
+    xs = shard(x.detach(), pl)
+    y = torch.cat(layer(xs), 1)
+    expected = ref(x.unsqueeze(-1)).squeeze(-1)
+    close(y, expected)
+    y.square().sum().backward()
+    expected.square().sum().backward()
+    gw, gb = grads_by_rows(layer, ref.weight.shape)
+    close(gw, ref.weight.grad)
+    close(torch.cat([t.grad for t in xs], 1), x.grad)
+
+
+@pytest.mark.parametrize("G, devices", LAYOUTS)
+def test_per_group_lrn_never_crosses_groups(G, devices):
+    pl = LocalPlacement(G, devices)
+    lrn = nn.LocalResponseNorm(5, 5e-4, 0.75, 2.0)
+    x = torch.randn(2, 4 * G, 6, 6) * 10
+    y = torch.cat(PerGroup(pl, lrn)(shard(x, pl)), 1)
+    expected = torch.cat([lrn(c) for c in x.chunk(G, 1)], 1)
+    close(y, expected)
+
+
+def test_fast_lrn_equals_torch():
+    from alexnet.lrn import FastLRN
+    x = torch.randn(3, 17, 5, 5, dtype=torch.float64, requires_grad=True)
+    ours, theirs = FastLRN(5, 5e-4, 0.75, 2.0), nn.LocalResponseNorm(5, 5e-4, 0.75, 2.0)
+    torch.testing.assert_close(ours(x), theirs(x))
+    g1, = torch.autograd.grad(ours(x).sum(), x)
+    g2, = torch.autograd.grad(theirs(x).sum(), x)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_placement_deals_contiguous_blocks_and_rejects_bad_layouts():
+    pl = LocalPlacement(4, ["cpu", "cpu"])
+    assert [list(s.groups) for s in pl.slots] == [[0, 1], [2, 3]]
+    assert [s.device.type for s in pl.slots] == ["cpu", "cpu"]
+    assert LocalPlacement(3, ["auto"]).slots[0].count == (3 if not torch.cuda.is_available() else 1)
+    with pytest.raises(PlacementError, match="only 2 groups"):
+        LocalPlacement(2, ["cpu"] * 3)
+    with pytest.raises(PlacementError, match="evenly"):
+        LocalPlacement(3, ["cpu", "cpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(PlacementError, match="CUDA is not available"):
+            LocalPlacement(2, ["cuda:0", "cuda:1"])
+
+
+def test_gather_counts_bytes_both_directions():
+    counter = CommCounter()
+    pl = LocalPlacement(2, ["cpu", "cpu"], counter=counter)
+    xs = [torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)]
+    outs = pl.gather(xs, 1, "x")
+    sum(o.sum() for o in outs).backward()
+    # each of 2 groups receives the other's 4x3 fp32 shard: 2 * 48 bytes each way
+    assert counter.snapshot() == {"x/fwd": 96, "x/bwd": 96}
+    # two consumers each used the gathered input once: gradient 2 on every element
+    assert torch.equal(xs[0].grad, torch.full((4, 3), 2.0))

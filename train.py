@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -26,6 +27,15 @@ from data.errors import DataError
 from parallel.placement import PlacementError
 
 USER_ERRORS = (ConfigError, SpecError, PlacementError, DataError, CheckpointError)
+PREEMPTED = 143  # 128 + SIGTERM
+
+
+def restarted_by_torchrun() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def latest_checkpoint(cfg: dict) -> str:
+    return os.path.join(cfg["run"]["dir"], "checkpoints", "last.pt")
 
 
 def parse_args(argv=None):
@@ -87,11 +97,15 @@ def main(argv=None) -> int:
         cfg = load(args.config, args.overrides)
         stop = StopFlag()
         stop.install()
-        summary = fit(cfg, resume=args.resume, should_stop=stop)
-        if stop.requested:
-            print(f"stopped by SIGTERM; resume with --resume (checkpoint in {cfg['run']['dir']}/checkpoints)",
+        resume = args.resume
+        if resume is None and restarted_by_torchrun() and os.path.isfile(latest_checkpoint(cfg)):
+            resume = latest_checkpoint(cfg)  # torchrun --max-restarts: continue where the last attempt stopped
+        summary = fit(cfg, resume=resume, should_stop=stop)
+        if summary.get("stopped"):
+            print(f"stopped by SIGTERM after a checkpoint; resume with --resume ({latest_checkpoint(cfg)})",
                   file=sys.stderr)
-        elif summary.get("epochs"):
+            return PREEMPTED  # non-zero, so torchrun --max-restarts starts the job again
+        if summary.get("epochs"):
             print(json.dumps(summary, indent=2))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,19 +26,29 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, step: int, precision: str = "fp32",
-                    progress=None, on_log=None, log_every: int = 50, should_stop=lambda: False) -> dict:
+def step_seed(seed: int, step: int, process_index: int) -> int:
+    """Dropout randomness depends only on (seed, step, process): a resumed run replays it exactly."""
+    return (seed * 1_000_003 + step * 10_007 + process_index * 101) % (2 ** 63)
+
+
+def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, step: int, seed: int = 0,
+                    precision: str = "fp32", progress=None, on_log=None, log_every: int = 50,
+                    should_stop=lambda: False, carry: dict | None = None) -> dict:
     """Forward, backward, step over the loader; returns epoch metrics and the new global step.
 
     The host reads the loss only every ``log_every`` steps, so GPU groups never wait on it.
+    ``carry`` holds the sums of an epoch interrupted earlier (resume mid-epoch). When
+    ``should_stop()`` turns true on any rank, every rank stops after the same step.
     """
     model.train()
     device = placement.output_device
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, top1 wrong, top5 wrong, n
-    seen = 0
+    carry = carry or {"sums": [0.0] * 4, "seen": 0, "train_s": 0.0}
+    sums = torch.tensor(carry["sums"], device=device, dtype=torch.float64)  # loss*n, top1 wrong, top5 wrong, n
+    seen = carry["seen"]
     stopped = False
     start = time.perf_counter()
     for images, labels in loader:
+        torch.manual_seed(step_seed(seed, step, placement.process_index))
         lr = schedule.lr(step, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -66,17 +76,18 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
                 progress.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.3g}")
         if progress:
             progress.update(1)
-        if should_stop():
+        if placement.any_rank(should_stop()):
             stopped = True
             break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
+    elapsed = carry["train_s"] + time.perf_counter() - start
+    partial = {"sums": sums.tolist(), "seen": seen, "train_s": elapsed}
     sums = placement.all_reduce_sum(sums)
-    replicas = placement.num_replicas
     return {"train_loss": (sums[0] / sums[3]).item(), "train_top1_err": 100.0 * (sums[1] / sums[3]).item(),
-            "train_top5_err": 100.0 * (sums[2] / sums[3]).item(), "images_per_s": seen * replicas / elapsed,
-            "train_s": elapsed, "step": step, "stopped": stopped}
+            "train_top5_err": 100.0 * (sums[2] / sums[3]).item(),
+            "images_per_s": seen * placement.num_replicas / elapsed, "train_s": elapsed, "step": step,
+            "stopped": stopped, "partial": partial}
 
 
 @torch.no_grad()

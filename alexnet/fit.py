@@ -18,11 +18,6 @@ from alexnet.model import GroupAlexNet
 from alexnet.schedule import LRSchedule
 
 
-def epoch_seed(seed: int, epoch: int, process_index: int) -> int:
-    """Dropout randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly."""
-    return (seed * 1_000_003 + epoch * 10_007 + process_index * 101) % (2 ** 63)
-
-
 def build_run(cfg: dict, placement=None):
     """Spec, placement, model (initialised from the seed), optimizer: everything but data."""
     spec = spec_from_config(cfg)
@@ -57,7 +52,7 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
     o, t = cfg["optim"], cfg["train"]
     schedule = LRSchedule(o["schedule"], o["lr"], t["epochs"], len(train_loader), o["patience"], o["max_drops"],
                           o["step_size"], o["gamma"], o["warmup_epochs"])
-    start_epoch, step, wall_before = 0, 0, 0.0
+    start_epoch, step, wall_before, skip, carry = 0, 0, 0.0, 0, None
     resume_path = resolve_resume(resume, run_dir)
     if resume_path:
         ckpt = ckpt_io.load(resume_path)
@@ -66,56 +61,71 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
         ckpt_io.load_optimizer_state(model, optimizer, ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         start_epoch, step, wall_before = ckpt["epoch"], ckpt["step"], ckpt["wall_s"]
+        skip, carry = ckpt.get("epoch_step", 0), ckpt.get("partial")
     log = RunLog(run_dir, placement.is_main, start_epoch, step)
     if placement.is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(dump(cfg))
     mb_per_step = 0.0
     run_start = time.perf_counter()
+    stopped = False
+
+    def checkpoint(epochs_done: int, epoch_step: int = 0, partial: dict | None = None) -> None:
+        # Every rank takes part (shards are gathered); only the main process writes.
+        state = {"format": ckpt_io.FORMAT, "config": cfg, "epoch": epochs_done, "step": step,
+                 "epoch_step": epoch_step, "partial": partial,
+                 "model": ckpt_io.model_state(model), "optimizer": ckpt_io.optimizer_state(model, optimizer),
+                 "schedule": schedule.state_dict(), "wall_s": wall_before + time.perf_counter() - run_start}
+        if placement.is_main:
+            ckpt_io.save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
+        placement.barrier()
+
     for epoch in range(start_epoch, t["epochs"]):
-        torch.manual_seed(epoch_seed(cfg["run"]["seed"], epoch, placement.process_index))
-        train_loader.set_epoch(epoch)
+        train_loader.set_epoch(epoch, skip)
         epoch_start = time.perf_counter()
-        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
+        bar = tqdm(total=len(train_loader), initial=skip, desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
                    disable=quiet or not placement.is_main, leave=False, dynamic_ncols=True)
         placement.counter.reset()
-        result = train_one_epoch(model, train_loader, optimizer, schedule, placement, epoch, step, t["precision"],
-                                 progress=bar, log_every=t["log_every"], should_stop=should_stop,
-                                 on_log=lambda s, loss, lr: (log.scalar("train/loss", loss, s), log.scalar("train/lr", lr, s)))
+        step_before = step
+        result = train_one_epoch(model, train_loader, optimizer, schedule, placement, epoch, step, cfg["run"]["seed"],
+                                 t["precision"], progress=bar, log_every=t["log_every"], should_stop=should_stop,
+                                 carry=carry,
+                                 on_log=lambda s, loss, lr: (log.scalar("train/loss", loss, s),
+                                                             log.scalar("train/lr", lr, s)))
         bar.close()
-        steps_done = result["step"] - step
-        mb_per_step = placement.counter.total() / max(1, steps_done) / 1e6
+        mb_per_step = placement.counter.total() / max(1, result["step"] - step_before) / 1e6
         step = result["step"]
-        if result["stopped"]:  # pre-empted mid-epoch: the last completed epoch's checkpoint stands
+        epoch_step = skip + step - step_before
+        skip, carry = 0, None
+        if result["stopped"] and epoch_step < len(train_loader):
+            # Pre-empted mid-epoch: save the position and the epoch's partial sums.
+            checkpoint(epoch, epoch_step, result["partial"])
+            stopped = True
             break
         val = evaluate(model, val_loader, placement, t["precision"])
         lr_used = schedule.lr(step - 1, epoch)
         schedule.end_epoch(val["val_top1_err"])
-        epoch_s = time.perf_counter() - epoch_start
         record = {"epoch": epoch + 1, "step": step, "train_loss": result["train_loss"],
                   "train_top1_err": result["train_top1_err"], "train_top5_err": result["train_top5_err"],
                   "val_loss": val["val_loss"], "val_top1_err": val["val_top1_err"], "val_top5_err": val["val_top5_err"],
                   "lr": lr_used, "images_per_s": result["images_per_s"], "cross_group_mb_per_step": mb_per_step,
-                  "epoch_s": epoch_s}
+                  "epoch_s": time.perf_counter() - epoch_start, "data_replicas": placement.num_replicas,
+                  "groups": spec.groups}
         log.epoch(record)
         if placement.is_main and not quiet:
             print(f"epoch {epoch + 1}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "
                   f"{record['val_top1_err']:.2f}%  top-5 {record['val_top5_err']:.2f}%  lr {lr_used:.3g}  "
-                  f"{record['images_per_s']:.0f} img/s  {epoch_s:.1f}s", flush=True)
-        state = {"format": ckpt_io.FORMAT, "config": cfg, "epoch": epoch + 1, "step": step,
-                 "model": ckpt_io.model_state(model), "optimizer": ckpt_io.optimizer_state(model, optimizer),
-                 "schedule": schedule.state_dict(),
-                 "wall_s": wall_before + time.perf_counter() - run_start}
-        if placement.is_main:
-            ckpt_io.save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
-        placement.barrier()
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                  f"{record['images_per_s']:.0f} img/s  {record['epoch_s']:.1f}s", flush=True)
+        checkpoint(epoch + 1)
+        if result["stopped"]:
+            stopped = True
             break
-        if should_stop():
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     history = log.history() if placement.is_main else []
     finished = bool(history) and history[-1]["epoch"] == t["epochs"]
     summary = make_summary(cfg, spec, placement, history, wall_before + time.perf_counter() - run_start, mb_per_step)
+    summary["stopped"] = stopped
     if finished:
         log.summary(summary)
     log.close()

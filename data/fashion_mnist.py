@@ -111,8 +111,8 @@ class InMemoryLoader:
                                            replica=replica, num_replicas=num_replicas)
         self.num_samples = len(labels)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch, skip)
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -59,8 +59,8 @@ class FolderLoader:
                                                   persistent_workers=workers > 0)
         self.num_samples = len(dataset)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch, skip)
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -26,9 +26,11 @@ class ReplicaBatchSampler:
         self.num_samples, self.batch_size, self.shuffle, self.seed = num_samples, batch_size, shuffle, seed
         self.replica, self.num_replicas, self.drop_last = replica, num_replicas, drop_last
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's order; ``skip`` batches already trained (resuming mid-epoch) are left out."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
@@ -39,6 +41,6 @@ class ReplicaBatchSampler:
             order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch))
         else:
             order = torch.arange(self.num_samples)
-        for i in range(len(self)):
+        for i in range(self.skip, len(self)):
             batch = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield torch.tensor_split(batch, self.num_replicas)[self.replica].tolist()

@@ -91,3 +91,77 @@ def gather_to_devices(shards: list[torch.Tensor], targets: list[torch.device], d
             shards[0].register_hook(lambda g: counter.add(f"{name}/bwd", nbytes))
         return [shards[0]]
     return list(_GatherToDevices.apply((targets, dim, counter, name, nbytes), *shards))
+
+
+# --- torch.distributed: one group per process -------------------------------------------
+
+def _all_gather_along(shard: torch.Tensor, pg, dim: int, sizes: list[int]) -> torch.Tensor:
+    """cat over ranks of ``shard`` along ``dim``; uneven sizes are padded for the collective, then trimmed."""
+    import torch.distributed as dist
+    longest = max(sizes)
+    padded = shard
+    if shard.shape[dim] < longest:
+        pad_shape = list(shard.shape)
+        pad_shape[dim] = longest - shard.shape[dim]
+        padded = torch.cat([shard, shard.new_zeros(pad_shape)], dim=dim)
+    padded = padded.contiguous()
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded, group=pg)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, sizes)], dim=dim)
+
+
+class _AllGatherDistinctConsumers(torch.autograd.Function):
+    """Forward: Y = cat_g(X_g) on every rank (all-gather over the group dimension).
+
+    Backward: each rank computed different outputs from Y, so
+    dL/dX_g = sum over ranks r of (dL_r/dY)[slice g]: a reduce-scatter (on gloo, which
+    has none, an all-reduce followed by taking this rank's slice).
+    """
+
+    @staticmethod
+    def forward(ctx, shard, pg, dim, sizes, index, counter, name, nbytes):
+        ctx.meta = (pg, dim, sizes, index, counter, name, nbytes)
+        counter.add(f"{name}/fwd", nbytes)
+        return _all_gather_along(shard, pg, dim, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        pg, dim, sizes, index, counter, name, nbytes = ctx.meta
+        counter.add(f"{name}/bwd", nbytes)
+        start = sum(sizes[:index])
+        if dist.get_backend(pg) == "nccl" and len(set(sizes)) == 1:
+            chunks = [c.contiguous() for c in grad.split(sizes, dim=dim)]
+            out = torch.empty_like(chunks[index])
+            dist.reduce_scatter(out, chunks, group=pg)
+            return (out, *[None] * 7)
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=pg)
+        return (grad.narrow(dim, start, sizes[index]).contiguous(), *[None] * 7)
+
+
+class _AllGatherReplicatedConsumer(torch.autograd.Function):
+    """Forward: Y = cat_g(X_g) on every rank. Backward: dL/dX_g = (dL/dY)[slice g], no communication.
+
+    Correct when every rank computes the *same* function of Y (the loss from the logits):
+    each rank already holds the whole gradient, and summing would count it G times.
+    """
+
+    @staticmethod
+    def forward(ctx, shard, pg, dim, sizes, index, counter, name, nbytes):
+        ctx.meta = (dim, sizes, index)
+        counter.add(f"{name}/fwd", nbytes)
+        return _all_gather_along(shard, pg, dim, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, sizes, index = ctx.meta
+        return (grad.narrow(dim, sum(sizes[:index]), sizes[index]).contiguous(), *[None] * 7)
+
+
+def all_gather_for_distinct_consumers(shard, pg, dim, sizes, index, counter, name, nbytes):
+    return _AllGatherDistinctConsumers.apply(shard, pg, dim, sizes, index, counter, name, nbytes)
+
+
+def all_gather_for_replicated_consumer(shard, pg, dim, sizes, index, counter, name, nbytes):
+    return _AllGatherReplicatedConsumer.apply(shard, pg, dim, sizes, index, counter, name, nbytes)

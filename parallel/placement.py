@@ -120,6 +120,9 @@ class LocalPlacement:
     def barrier(self) -> None:
         pass
 
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 

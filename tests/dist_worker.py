@@ -1,0 +1,52 @@
+"""Code run inside spawned gloo ranks by test_distributed.py (importable by the children)."""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def setup(rank: int, world: int, port: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def equivalence(rank: int, world: int, port: int, groups: int, out: str, steps: int):
+    """Forward/backward one batch, then ``steps`` SGD steps; rank 0 saves what it saw."""
+    setup(rank, world, port)
+    from alexnet.init import init_reference_state
+    from alexnet.model import GroupAlexNet
+    from conftest import tiny_spec
+    from parallel.distributed import DistributedPlacement
+    spec = tiny_spec(groups)
+    placement = DistributedPlacement.from_env(groups, "gloo")
+    model = GroupAlexNet(spec, placement)
+    model.load_reference(init_reference_state(spec, 0))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    mine = torch.tensor_split(torch.arange(8), placement.num_replicas)[placement.replica]
+    logits = model(x[mine])
+    loss = F.cross_entropy(logits, y[mine])
+    loss.backward()
+    placement.sync_gradients(model.parameters())
+    grads = model.to_reference(lambda p: p.grad)
+    counted = placement.counter.snapshot()
+    all_logits = [torch.empty(0)] * placement.num_replicas
+    dist.all_gather_object(all_logits, logits.detach(), group=placement.data_pg)
+    # a few SGD steps: the replica-averaged loss curve
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    curve = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[mine]), y[mine])
+        loss.backward()
+        placement.sync_gradients(model.parameters())
+        opt.step()
+        curve.append(placement.all_reduce_sum(loss.detach().reshape(1)).item() / placement.num_replicas)
+    final = model.to_reference()
+    if rank == 0:
+        torch.save({"logits": torch.cat(all_logits), "grads": grads, "counted": counted, "curve": curve,
+                    "final": final, "replica_batch": len(mine)}, out)
+    dist.destroy_process_group()

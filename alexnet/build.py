@@ -21,7 +21,7 @@ def placement_from_config(cfg: dict):
     groups = cfg["model"]["groups"]
     if wants_distributed(cfg):
         from parallel.distributed import DistributedPlacement
-        return DistributedPlacement.from_env(groups, cfg["parallel"]["backend"])
+        return DistributedPlacement.from_env(groups, cfg["parallel"]["backend"], cfg["parallel"]["timeout_s"])
     return LocalPlacement(groups, cfg["parallel"]["devices"])
 
 

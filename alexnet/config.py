@@ -62,6 +62,7 @@ DEFAULTS: dict = {
         "placement": "auto",         # local | distributed | auto (distributed when launched by torchrun)
         "devices": ["auto"],         # local: one slot per entry (cpu, cuda:0, ...); [auto]: one per GPU, at most G
         "backend": "auto",           # distributed: nccl with CUDA, else gloo
+        "timeout_s": 600,            # distributed: how long a collective (or start-up) may wait for a peer
     },
     "run": {
         "seed": 0,

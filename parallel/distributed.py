@@ -45,7 +45,7 @@ class DistributedPlacement:
         self.counter = counter if counter is not None else CommCounter()
 
     @classmethod
-    def from_env(cls, groups: int, backend: str = "auto") -> "DistributedPlacement":
+    def from_env(cls, groups: int, backend: str = "auto", timeout_s: float = 600) -> "DistributedPlacement":
         """Build from torchrun's environment: init the process group and the (data, group) mesh."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % groups:
@@ -62,7 +62,7 @@ class DistributedPlacement:
         else:
             device = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(minutes=10),
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                                     device_id=device if backend == "nccl" else None)
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (world // groups, groups), mesh_dim_names=("data", "group"))

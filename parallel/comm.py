@@ -8,16 +8,24 @@ input in the forward pass, and the same volume of gradients in the backward pass
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 
 
 class CommCounter:
-    """Bytes exchanged between groups, accumulated per named layer and direction."""
+    """Bytes exchanged between groups, accumulated per named layer and direction.
 
-    def __init__(self) -> None:
+    With ``timed=True`` (benchmarks only) the distributed collectives also record their
+    wall time in ``seconds``, synchronising CUDA around each one, which slows training.
+    """
+
+    def __init__(self, timed: bool = False) -> None:
         self.bytes: dict[str, int] = defaultdict(int)
+        self.timed = timed
+        self.seconds = 0.0
 
     def add(self, name: str, nbytes: int) -> None:
         self.bytes[name] += int(nbytes)
@@ -27,6 +35,21 @@ class CommCounter:
 
     def reset(self) -> None:
         self.bytes.clear()
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self, device: torch.device):
+        """Accumulate the wall time of the enclosed collective when ``timed``."""
+        if not self.timed:
+            yield
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds += time.perf_counter() - start
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.bytes)
@@ -122,22 +145,28 @@ class _AllGatherDistinctConsumers(torch.autograd.Function):
     def forward(ctx, shard, pg, dim, sizes, index, counter, name, nbytes):
         ctx.meta = (pg, dim, sizes, index, counter, name, nbytes)
         counter.add(f"{name}/fwd", nbytes)
-        return _all_gather_along(shard, pg, dim, sizes)
+        with counter.timing(shard.device):
+            return _all_gather_along(shard, pg, dim, sizes)
 
     @staticmethod
     def backward(ctx, grad):
-        import torch.distributed as dist
         pg, dim, sizes, index, counter, name, nbytes = ctx.meta
         counter.add(f"{name}/bwd", nbytes)
-        start = sum(sizes[:index])
-        if dist.get_backend(pg) == "nccl" and len(set(sizes)) == 1:
-            chunks = [c.contiguous() for c in grad.split(sizes, dim=dim)]
-            out = torch.empty_like(chunks[index])
-            dist.reduce_scatter(out, chunks, group=pg)
-            return (out, *[None] * 7)
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=pg)
-        return (grad.narrow(dim, start, sizes[index]).contiguous(), *[None] * 7)
+        with counter.timing(grad.device):
+            return (_sum_own_slice(grad, pg, dim, sizes, index), *[None] * 7)
+
+
+def _sum_own_slice(grad: torch.Tensor, pg, dim: int, sizes: list[int], index: int) -> torch.Tensor:
+    """sum over ranks of grad[slice index]: reduce-scatter on NCCL, all-reduce + slice on gloo."""
+    import torch.distributed as dist
+    if dist.get_backend(pg) == "nccl" and len(set(sizes)) == 1:
+        chunks = [c.contiguous() for c in grad.split(sizes, dim=dim)]
+        out = torch.empty_like(chunks[index])
+        dist.reduce_scatter(out, chunks, group=pg)
+        return out
+    grad = grad.contiguous()
+    dist.all_reduce(grad, group=pg)
+    return grad.narrow(dim, sum(sizes[:index]), sizes[index]).contiguous()
 
 
 class _AllGatherReplicatedConsumer(torch.autograd.Function):
@@ -151,7 +180,8 @@ class _AllGatherReplicatedConsumer(torch.autograd.Function):
     def forward(ctx, shard, pg, dim, sizes, index, counter, name, nbytes):
         ctx.meta = (dim, sizes, index)
         counter.add(f"{name}/fwd", nbytes)
-        return _all_gather_along(shard, pg, dim, sizes)
+        with counter.timing(shard.device):
+            return _all_gather_along(shard, pg, dim, sizes)
 
     @staticmethod
     def backward(ctx, grad):

@@ -45,7 +45,8 @@ class DistributedPlacement:
         self.counter = counter if counter is not None else CommCounter()
 
     @classmethod
-    def from_env(cls, groups: int, backend: str = "auto", timeout_s: float = 600) -> "DistributedPlacement":
+    def from_env(cls, groups: int, backend: str = "auto", timeout_s: float = 600,
+                 counter: CommCounter | None = None) -> "DistributedPlacement":
         """Build from torchrun's environment: init the process group and the (data, group) mesh."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % groups:
@@ -71,7 +72,7 @@ class DistributedPlacement:
         control = dist.new_group(backend="gloo") if backend == "nccl" else None
         return cls(groups, mesh.get_group("group"), mesh.get_group("data"), control,
                    mesh.get_local_rank("group"), mesh.get_local_rank("data"), world // groups, device,
-                   dist.get_rank(), mesh=mesh)
+                   dist.get_rank(), counter=counter, mesh=mesh)
 
     # --- what the model and the loop see ---
     @property
@@ -120,7 +121,8 @@ class DistributedPlacement:
             return
         grads = [p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.data_pg)
+        with self.counter.timing(flat.device):
+            dist.all_reduce(flat, group=self.data_pg)
         flat /= self.num_replicas
         offset = 0
         for g in grads:

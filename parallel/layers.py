@@ -11,6 +11,8 @@ reference layer and the weight mapping is a slice both ways.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,14 @@ class _GroupSharded(nn.Module):
             self.slot_rows.append((start, start + sum(self.group_out[g] for g in slot.groups)))
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
+
+    def reset_parameters(self) -> None:
+        """torch's default for Conv2d/Linear (Kaiming-uniform, a = sqrt(5)) on every block, so a layer
+        built on its own is ready to train; AlexNet overwrites it with its own init scheme."""
+        for w, b in zip(self.weights, self.biases):
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            bound = 1 / math.sqrt(w[0].numel())
+            nn.init.uniform_(b, -bound, bound)
 
     def _inputs(self, x, dim: int = 1) -> list[torch.Tensor]:
         """The tensor each slot computes from: its own maps, all groups' maps, or the replicated input."""
@@ -79,6 +89,7 @@ class GroupConv2d(_GroupSharded):
                                                          device=slot.device)))
             self.biases.append(nn.Parameter(torch.zeros(hi - lo, device=slot.device)))
         self.slot_conv_groups = [s.count if input_mode == "own" else 1 for s in placement.local_slots]
+        self.reset_parameters()
 
     def forward(self, x) -> list[torch.Tensor]:
         return [F.conv2d(xi, w, b, self.stride, self.padding, 1, k)
@@ -106,6 +117,7 @@ class GroupLinear(_GroupSharded):
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
             self.weights.append(nn.Parameter(torch.empty(hi - lo, self.in_per_output, device=slot.device)))
             self.biases.append(nn.Parameter(torch.zeros(hi - lo, device=slot.device)))
+        self.reset_parameters()
 
     def forward(self, x) -> list[torch.Tensor]:
         out = []

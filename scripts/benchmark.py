@@ -10,6 +10,11 @@ it times, on the same batch:
 Rounds alternate the models so drift hits all of them alike; the median round counts.
 Prints a table of images/s with ratios to the reference and writes JSON.
 
+--distributed adds the one-process-per-group placement: for world sizes 1, 2, 4 (G = world,
+one group per process; gloo on CPU, NCCL on GPUs when there are enough) it times training
+steps and the wall time spent inside the collectives, beside the one-process placement
+with the same G on one device.
+
   python scripts/benchmark.py                       # CPU (or CUDA when present)
   python scripts/benchmark.py --device cpu --geometry fashion_mnist --rounds 5
 """
@@ -116,6 +121,57 @@ def print_table(results: list[dict]) -> None:
     print("images/s (ratio to the reference at the same G); peak GPU memory where on CUDA")
 
 
+def _dist_worker(rank: int, world: int, port: int, geometry: str, batch: int, steps: int, backend: str, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+    from parallel import CommCounter
+    from parallel.distributed import DistributedPlacement
+    spec = spec_from_config(load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"]))
+    placement = DistributedPlacement.from_env(world, backend, counter=CommCounter(timed=True))
+    model = GroupAlexNet(spec, placement)
+    device = placement.device
+    x = torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, device=device)
+    y = torch.randint(0, spec.num_classes, (batch,), device=device)
+    time_steps(model, x, y, 2, device)
+    placement.counter.reset()
+    sec = time_steps(model, x, y, steps, device)
+    comm = placement.counter.seconds / steps
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"images_per_s": batch / sec, "step_ms": 1000 * sec, "comm_ms": 1000 * comm,
+                       "mb_per_step": placement.counter.total() / steps / 1e6}, f)
+    dist.destroy_process_group()
+
+
+def bench_distributed(geometry: str, device, batch: int, steps: int) -> list[dict]:
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+    cuda = device.type == "cuda"
+    results = []
+    for world in (1, 2, 4):
+        if cuda and torch.cuda.device_count() < world:
+            print(f"  distributed world={world}: skipped, {torch.cuda.device_count()} GPU(s)")
+            continue
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = os.path.join(tempfile.mkdtemp(), "rank0.json")
+        mp.spawn(_dist_worker, args=(world, port, geometry, batch, steps, "nccl" if cuda else "gloo", out),
+                 nprocs=world, join=True)
+        with open(out) as f:
+            r = json.load(f)
+        local = bench(geometry, world, device, batch, steps, 1)["models"]["ours"]["images_per_s"]
+        r.update(geometry=geometry, world=world, groups=world, batch=batch, local_images_per_s=local)
+        results.append(r)
+        print(f"  distributed {geometry} world={world}: {r['images_per_s']:.1f} img/s "
+              f"(one process, same G: {local:.1f}), comm {r['comm_ms']:.1f} of {r['step_ms']:.1f} ms/step, "
+              f"{r['mb_per_step']:.2f} MB/step", flush=True)
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -125,6 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps per round (default 3 on CPU, 20 on CUDA)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--distributed", action="store_true", help="also time one process per group (torch.distributed)")
     p.add_argument("--out", default="runs/benchmark/benchmark.json")
     args = p.parse_args(argv)
     if args.threads:
@@ -140,9 +197,20 @@ def main(argv=None) -> int:
             print(f"  {geometry} G={G}: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s"
                                                       for k, v in r["models"].items()), flush=True)
     print_table(results)
+    distributed = []
+    if args.distributed:
+        for geometry in args.geometry:
+            batch = args.batch or (128 if cuda or geometry == "fashion_mnist" else 16)
+            distributed += bench_distributed(geometry, device, batch, args.steps or (20 if cuda else 3))
+        print(f"{'geometry':<14}{'procs':>6}{'img/s':>10}{'1-proc img/s':>14}{'comm ms/step':>14}{'step ms':>10}"
+              f"{'MB/step':>9}")
+        for r in distributed:
+            print(f"{r['geometry']:<14}{r['world']:>6}{r['images_per_s']:>10.1f}{r['local_images_per_s']:>14.1f}"
+                  f"{r['comm_ms']:>14.1f}{r['step_ms']:>10.1f}{r['mb_per_step']:>9.2f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, f, indent=2)
+        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results,
+                   "distributed": distributed}, f, indent=2)
     print(f"wrote {args.out}")
     return 0
 

@@ -169,3 +169,35 @@ def test_world_size_not_multiple_of_groups_is_one_line(root, tmp_path):
     assert proc.returncode != 0
     assert "error: world size 3 is not a multiple of model.groups=2" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists(), "nothing may train before the check"
+
+
+def test_distributed_checkpoint_consolidates_and_evaluates_locally(root, tmp_path, uninterrupted):
+    ckpt = uninterrupted / "checkpoints" / "last.pt"
+    out = tmp_path / "ref.pt"
+    proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "consolidate.py"), "to-reference", str(ckpt),
+                           str(out)], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    saved = torch.load(ckpt, weights_only=True)
+    from alexnet.build import spec_from_config
+    spec = spec_from_config(saved["config"])
+    ref = ReferenceAlexNet(spec).eval()
+    ref.load_state_dict(torch.load(out, weights_only=True))
+    local = GroupAlexNet(spec, LocalPlacement(spec.groups, ["cpu"] * spec.groups)).eval()
+    local.load_reference(saved["model"])
+    x = torch.randn(4, spec.in_channels, spec.input_size, spec.input_size)
+    torch.testing.assert_close(local(x), ref(x), **TOL)
+    # the one-process placement evaluates the torchrun run's checkpoint to the same validation error
+    proc = subprocess.run([sys.executable, os.path.join(root, "train.py"), "--evaluate", str(ckpt), "--set",
+                           "parallel.placement=local"], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    last = [json.loads(x) for x in open(uninterrupted / "metrics.jsonl")][-1]
+    assert json.loads(proc.stdout)["val_top1_err"] == pytest.approx(last["val_top1_err"])
+    # and back: reference state_dict -> checkpoint that loads
+    back = tmp_path / "ckpt.pt"
+    proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "consolidate.py"), "from-reference", str(out),
+                           "--config", "configs/smoke.yaml", *sum((["--set", s] for s in TORCHRUN_SETTINGS), []),
+                           str(back)], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    again = torch.load(back, weights_only=True)
+    for key, value in saved["model"].items():
+        assert torch.equal(again["model"][key], value)

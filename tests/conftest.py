@@ -21,6 +21,18 @@ def tiny_spec(groups: int, **overrides) -> AlexNetSpec:
     return AlexNetSpec(**kw)
 
 
+def assert_close(actual, expected, msg=None):
+    """fp32 equality to rtol 1e-5; the absolute floor (1e-6) scales with the tensor's largest entry,
+    because gradients summed over many positions differ by float rounding in the last digits."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * max(1.0, expected.abs().max().item()),
+                               msg=msg)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def root():
     return ROOT

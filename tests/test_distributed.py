@@ -16,11 +16,8 @@ import dist_worker
 from alexnet.init import init_reference_state
 from alexnet.model import GroupAlexNet
 from alexnet.reference import ReferenceAlexNet
-from conftest import tiny_spec
+from conftest import assert_close, tiny_spec
 from parallel import LocalPlacement
-
-TOL = dict(rtol=1e-5, atol=1e-6)
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -58,9 +55,9 @@ def test_distributed_matches_local_and_reference(tmp_path, world, groups):
     mp.spawn(dist_worker.equivalence, args=(world, free_port(), groups, out, steps), nprocs=world, join=True)
     got = torch.load(out, weights_only=True)
     spec, ref, ref_logits, curve, final = local_run(groups, steps)
-    torch.testing.assert_close(got["logits"], ref_logits, **TOL)
+    assert_close(got["logits"], ref_logits)
     for key, p in ref.named_parameters():
-        torch.testing.assert_close(got["grads"][key], p.grad, **TOL, msg=lambda m: f"{key}: {m}")
+        assert_close(got["grads"][key], p.grad, msg=lambda m: f"{key}: {m}")
     # the loss curve (dropout off) and the weights after 5 steps match the one-process placement
     torch.testing.assert_close(torch.tensor(got["curve"]), torch.tensor(curve), rtol=1e-5, atol=1e-6)
     for key in final:
@@ -185,7 +182,7 @@ def test_distributed_checkpoint_consolidates_and_evaluates_locally(root, tmp_pat
     local = GroupAlexNet(spec, LocalPlacement(spec.groups, ["cpu"] * spec.groups)).eval()
     local.load_reference(saved["model"])
     x = torch.randn(4, spec.in_channels, spec.input_size, spec.input_size)
-    torch.testing.assert_close(local(x), ref(x), **TOL)
+    assert_close(local(x), ref(x))
     # the one-process placement evaluates the torchrun run's checkpoint to the same validation error
     proc = subprocess.run([sys.executable, os.path.join(root, "train.py"), "--evaluate", str(ckpt), "--set",
                            "parallel.placement=local"], capture_output=True, text=True, cwd=root, timeout=120)

@@ -6,11 +6,8 @@ import torch.nn.functional as F
 from alexnet.init import init_reference_state
 from alexnet.model import GroupAlexNet
 from alexnet.reference import ReferenceAlexNet
-from conftest import tiny_spec
+from conftest import assert_close, tiny_spec
 from parallel import LocalPlacement
-
-TOL = dict(rtol=1e-5, atol=1e-6)
-
 
 def build_pair(spec, devices, seed=0):
     ref = ReferenceAlexNet(spec)
@@ -30,14 +27,14 @@ def test_logits_and_gradients_match_reference(G, layout):
     x = torch.randn(6, 1, 32, 32)
     y = torch.randint(0, 10, (6,))
     ref_logits, logits = ref(x), model(x)
-    torch.testing.assert_close(logits, ref_logits, **TOL)
+    assert_close(logits, ref_logits)
     F.cross_entropy(ref_logits, y).backward()
     F.cross_entropy(logits, y).backward()
     grads = model.to_reference(lambda p: p.grad)
     ref_grads = {k: p.grad for k, p in ref.named_parameters()}
     assert grads.keys() == ref_grads.keys()
     for key in grads:
-        torch.testing.assert_close(grads[key], ref_grads[key], **TOL, msg=lambda m: f"{key}: {m}")
+        assert_close(grads[key], ref_grads[key], msg=lambda m: f"{key}: {m}")
 
 
 def test_two_groups_per_slot_match_reference():
@@ -46,13 +43,13 @@ def test_two_groups_per_slot_match_reference():
     ref, model = build_pair(spec, ["cpu", "cpu"])
     assert [list(s.groups) for s in model.placement.slots] == [[0, 1], [2, 3]]
     x = torch.randn(3, 1, 32, 32)
-    torch.testing.assert_close(model(x), ref(x), **TOL)
+    assert_close(model(x), ref(x))
     y = torch.randint(0, 10, (3,))
     F.cross_entropy(model(x), y).backward()
     F.cross_entropy(ref(x), y).backward()
     grads = model.to_reference(lambda p: p.grad)
     for key, p in ref.named_parameters():
-        torch.testing.assert_close(grads[key], p.grad, **TOL)
+        assert_close(grads[key], p.grad)
 
 
 @pytest.mark.parametrize("G", [1, 2, 3, 4])

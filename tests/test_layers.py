@@ -4,14 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import assert_close
 from parallel import CommCounter, GroupConv2d, GroupLinear, LocalPlacement, PerGroup, PlacementError, gather_output
 from parallel.placement import split_sizes
 
 
-
-def close(actual, expected):
-    """fp32, rtol 1e-5; the absolute floor scales with the tensor (sums over many positions)."""
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * max(1.0, expected.abs().max().item()))
 
 
 def shard(x, placement):
@@ -45,14 +42,14 @@ def test_group_conv2d_matches_torch(G, devices, mode):
     x = torch.randn(3, 12, 8, 8, requires_grad=True)
     xs = shard(x.detach(), pl)
     y = torch.cat(layer(xs), 1)
-    close(y, ref(x))
+    assert_close(y, ref(x))
     g = torch.randn_like(y)
     y.backward(g)
     ref(x).backward(g)
     gw, gb = grads_by_rows(layer, ref.weight.shape)
-    close(gw, ref.weight.grad)
-    close(gb, ref.bias.grad)
-    close(torch.cat([t.grad for t in xs], 1), x.grad)
+    assert_close(gw, ref.weight.grad)
+    assert_close(gb, ref.bias.grad)
+    assert_close(torch.cat([t.grad for t in xs], 1), x.grad)
 
 
 def test_group_conv2d_replicated_input():
@@ -61,7 +58,7 @@ def test_group_conv2d_replicated_input():
     layer = GroupConv2d(pl, 3, 8, 5, stride=2, input_mode="replicated")
     load_rows(layer, ref.weight, ref.bias)
     x = torch.randn(2, 3, 16, 16)
-    close(torch.cat(layer(x), 1), ref(x))
+    assert_close(torch.cat(layer(x), 1), ref(x))
 
 
 @pytest.mark.parametrize("G, devices", LAYOUTS)
@@ -74,12 +71,12 @@ def test_group_linear_uneven_split_with_gathered_input(G, devices):
     x = torch.randn(5, 24, requires_grad=True)
     xs = shard(x.detach(), pl)
     y = gather_output(pl, layer(xs), layer.group_out)
-    close(y, ref(x))
+    assert_close(y, ref(x))
     y.sum().backward()
     ref(x).sum().backward()
     gw, gb = grads_by_rows(layer, ref.weight.shape)
-    close(gw, ref.weight.grad)
-    close(torch.cat([t.grad for t in xs], 1), x.grad)
+    assert_close(gw, ref.weight.grad)
+    assert_close(torch.cat([t.grad for t in xs], 1), x.grad)
 
 
 @pytest.mark.parametrize("G, devices", LAYOUTS)
@@ -92,12 +89,12 @@ def test_group_linear_block_diagonal(G, devices):
     xs = shard(x.detach(), pl)
     y = torch.cat(layer(xs), 1)
     expected = ref(x.unsqueeze(-1)).squeeze(-1)
-    close(y, expected)
+    assert_close(y, expected)
     y.square().sum().backward()
     expected.square().sum().backward()
     gw, gb = grads_by_rows(layer, ref.weight.shape)
-    close(gw, ref.weight.grad)
-    close(torch.cat([t.grad for t in xs], 1), x.grad)
+    assert_close(gw, ref.weight.grad)
+    assert_close(torch.cat([t.grad for t in xs], 1), x.grad)
 
 
 @pytest.mark.parametrize("G, devices", LAYOUTS)
@@ -107,7 +104,7 @@ def test_per_group_lrn_never_crosses_groups(G, devices):
     x = torch.randn(2, 4 * G, 6, 6) * 10
     y = torch.cat(PerGroup(pl, lrn)(shard(x, pl)), 1)
     expected = torch.cat([lrn(c) for c in x.chunk(G, 1)], 1)
-    close(y, expected)
+    assert_close(y, expected)
 
 
 def test_fast_lrn_equals_torch():

@@ -70,11 +70,12 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
     run_start = time.perf_counter()
     stopped = False
 
-    def checkpoint(epochs_done: int, epoch_step: int = 0, partial: dict | None = None) -> None:
+    def checkpoint(epochs_done: int, epoch_step: int = 0, partial: dict | None = None, weights=None) -> None:
         # Every rank takes part (shards are gathered); only the main process writes.
         state = {"format": ckpt_io.FORMAT, "config": cfg, "epoch": epochs_done, "step": step,
                  "epoch_step": epoch_step, "partial": partial,
-                 "model": ckpt_io.model_state(model), "optimizer": ckpt_io.optimizer_state(model, optimizer),
+                 "model": weights if weights is not None else ckpt_io.model_state(model),
+                 "optimizer": ckpt_io.optimizer_state(model, optimizer),
                  "schedule": schedule.state_dict(), "wall_s": wall_before + time.perf_counter() - run_start}
         if placement.is_main:
             ckpt_io.save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
@@ -116,7 +117,11 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
             print(f"epoch {epoch + 1}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "
                   f"{record['val_top1_err']:.2f}%  top-5 {record['val_top5_err']:.2f}%  lr {lr_used:.3g}  "
                   f"{record['images_per_s']:.0f} img/s  {record['epoch_s']:.1f}s", flush=True)
-        checkpoint(epoch + 1)
+        weights = ckpt_io.model_state(model)
+        every = t["filter_images_every"]
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == t["epochs"]):
+            log.filters(weights, spec.groups, epoch + 1)
+        checkpoint(epoch + 1, weights=weights)
         if result["stopped"]:
             stopped = True
             break
@@ -128,6 +133,11 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
     summary["stopped"] = stopped
     if finished:
         log.summary(summary)
+        log.hparams({"groups": spec.groups, "seed": cfg["run"]["seed"], "params": spec.params(), "macs": spec.macs(),
+                     "data_replicas": placement.num_replicas},
+                    {"hparam/final_val_top1_err": summary["final_val_top1_err"],
+                     "hparam/final_val_top5_err": summary["final_val_top5_err"],
+                     "hparam/best_val_top1_err": summary["best_val_top1_err"]})
     log.close()
     return summary
 

@@ -45,10 +45,6 @@ class RunLog:
         if self.writer:
             self.writer.add_scalar(tag, value, step)
 
-    def image(self, tag: str, img, step: int) -> None:
-        if self.writer:
-            self.writer.add_image(tag, img, step)
-
     def epoch(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -58,6 +54,26 @@ class RunLog:
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"epoch/{key}", value, epoch)
+        self.writer.flush()
+
+    def filters(self, weights: dict, groups: int, epoch: int) -> None:
+        """conv1 filters per group, and the conv2 filter-correlation heat map."""
+        if not self.writer:
+            return
+        from alexnet.filters import conv1_group_grids, filter_correlation, heatmap_image
+        for g, grid in enumerate(conv1_group_grids(weights, groups)):
+            self.writer.add_image(f"filters/conv1_group{g}", grid, epoch)
+        self.writer.add_image("filters/conv2_correlation", heatmap_image(filter_correlation(weights, groups)), epoch)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        """Register this run in TensorBoard's HParams dashboard, inside the run's own directory."""
+        if not self.writer:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+        for summary in hparams_summary(hparams, metrics):
+            self.writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value)
         self.writer.flush()
 
     def history(self) -> list[dict]:

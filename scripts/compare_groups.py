@@ -1,0 +1,102 @@
+"""Run a config family over G = 1..4 and several seeds, then write the comparison report.
+
+  python scripts/compare_groups.py configs/fashion_mnist --seeds 0 1 2
+  python scripts/compare_groups.py configs/fashion_mnist --seeds 0 --set train.epochs=3
+  python scripts/compare_groups.py configs/fashion_mnist --collect-only     # report from existing runs
+  tensorboard --logdir runs/fashion_mnist                                  # every run side by side
+
+Each run goes to runs/<family>/g<G>-s<seed>/. A run whose summary.json exists is skipped;
+one with a checkpoint but no summary is resumed, so the study can be stopped (Ctrl-C) and
+started again at any time without losing finished work. The report (comparison.md, .csv,
+.png) is written into runs/<family>/ and printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from alexnet.checkpoint import CheckpointError  # noqa: E402
+from alexnet.config import ConfigError, load  # noqa: E402
+from alexnet.fit import fit  # noqa: E402
+from alexnet.spec import SpecError  # noqa: E402
+from data.errors import DataError  # noqa: E402
+from parallel.placement import PlacementError  # noqa: E402
+from scripts.study_report import build_report  # noqa: E402
+
+
+def plan(config_dir: str, groups: list[int], seeds: list[int], overrides: list[str]) -> list[dict]:
+    """Every (G, seed) run with its resolved config and state: done, resume or new."""
+    if any(o.split("=", 1)[0].strip() in ("run.dir", "run.seed", "model.groups") for o in overrides):
+        raise ConfigError("compare_groups sets run.dir, run.seed and model.groups itself; drop them from --set")
+    runs = []
+    for G in groups:
+        path = os.path.join(config_dir, f"g{G}.yaml")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path} does not exist; the family needs g1.yaml .. g4.yaml (or pass --groups)")
+        for seed in seeds:
+            cfg = load(path, overrides + [f"run.seed={seed}"])
+            run_dir = cfg["run"]["dir"]
+            if os.path.isfile(os.path.join(run_dir, "summary.json")):
+                state = "done"
+            elif os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
+                state = "resume"
+            else:
+                state = "new"
+            runs.append({"groups": G, "seed": seed, "cfg": cfg, "dir": run_dir, "state": state})
+    return runs
+
+
+def run_study(runs: list[dict]) -> None:
+    todo = [r for r in runs if r["state"] != "done"]
+    print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to train", flush=True)
+    epochs_left = sum(r["cfg"]["train"]["epochs"] for r in todo)
+    spent, epochs_done = 0.0, 0
+    for i, r in enumerate(todo, 1):
+        eta = f"{(spent / epochs_done) * epochs_left / 60:.1f} min" if epochs_done else "after the first run"
+        print(f"[{i}/{len(todo)}] G={r['groups']} seed={r['seed']} -> {r['dir']} "
+              f"({'resuming' if r['state'] == 'resume' else 'new'}); study ETA {eta}", flush=True)
+        start = time.perf_counter()
+        summary = fit(r["cfg"], resume="latest" if r["state"] == "resume" else None)
+        spent += time.perf_counter() - start
+        epochs_done += summary["epochs"]
+        epochs_left -= r["cfg"]["train"]["epochs"]
+        print(f"[{i}/{len(todo)}] G={r['groups']} seed={r['seed']}: final val top-1 "
+              f"{summary['final_val_top1_err']:.2f}%, {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config_dir", help="a config family folder holding g1.yaml .. g4.yaml, e.g. configs/fashion_mnist")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--groups", nargs="+", type=int, default=[1, 2, 3, 4])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--collect-only", action="store_true", help="only build the report from existing runs")
+    args = p.parse_args(argv)
+    try:
+        runs = plan(args.config_dir, args.groups, args.seeds, args.overrides)
+        if not args.collect_only:
+            run_study(runs)
+    except (ConfigError, SpecError, PlacementError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstudy interrupted: finished runs are kept; run the same command to continue", file=sys.stderr)
+        return 130
+    family_dir = os.path.dirname(os.path.normpath(runs[0]["dir"]))
+    text = build_report(family_dir)
+    if text is None:
+        print(f"no finished runs in {family_dir} yet", file=sys.stderr)
+        return 1
+    print(text)
+    print(f"wrote {family_dir}/comparison.md, comparison.csv, comparison.png")
+    print(f"compare the runs in TensorBoard: tensorboard --logdir {family_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

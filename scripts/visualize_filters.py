@@ -1,0 +1,68 @@
+"""Render a checkpoint's conv1 filters per group and its conv2 filter-correlation heat map to PNG.
+
+  python scripts/visualize_filters.py runs/fashion_mnist/g2-s0/checkpoints/last.pt --out filters/
+
+Writes conv1_filters.png (one panel per group, as in Krizhevsky et al. 2012, Figure 3) and
+conv2_correlation.png (|correlation| between conv2 filters: block-diagonal with G groups).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from alexnet import checkpoint as ckpt_io  # noqa: E402
+from alexnet.filters import conv1_group_grids, filter_correlation  # noqa: E402
+
+
+def render(ckpt_path: str, out_dir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ckpt = ckpt_io.load(ckpt_path)
+    groups = ckpt["config"]["model"]["groups"]
+    state = ckpt["model"]
+    os.makedirs(out_dir, exist_ok=True)
+    grids = conv1_group_grids(state, groups, pad=2)
+    fig, axes = plt.subplots(1, groups, figsize=(3.2 * groups, 3.4), squeeze=False)
+    for g, (ax, grid) in enumerate(zip(axes[0], grids)):
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"conv1, group {g}")
+        ax.axis("off")
+    fig.suptitle(f"G = {groups}, epoch {ckpt['epoch']}")
+    fig.tight_layout()
+    filters_png = os.path.join(out_dir, "conv1_filters.png")
+    fig.savefig(filters_png, dpi=110)
+    plt.close(fig)
+    corr = filter_correlation(state, groups)
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    im = ax.imshow(corr.numpy(), cmap="viridis", vmin=0, vmax=1)
+    ax.set_title(f"|corr| between conv2 filters (G = {groups})")
+    ax.set_xlabel("filter")
+    ax.set_ylabel("filter")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    corr_png = os.path.join(out_dir, "conv2_correlation.png")
+    fig.savefig(corr_png, dpi=110)
+    plt.close(fig)
+    return [filters_png, corr_png]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--out", default="filters")
+    args = p.parse_args(argv)
+    try:
+        paths = render(args.checkpoint, args.out)
+    except ckpt_io.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The group-count study: the report is computed from the runs' files; the runner skips and resumes."""
+import csv
+import json
+import math
+import os
+import statistics
+
+import pytest
+
+from scripts import compare_groups
+from scripts.study_report import build_report
+
+SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.yaml")
+
+
+def fake_run(family_dir, G, seed, errors, macs, params=1000, speed=100.0, mb=1.5):
+    run_dir = family_dir / f"g{G}-s{seed}"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for epoch, (top1, top5) in enumerate(errors, 1):
+            f.write(json.dumps({"epoch": epoch, "val_top1_err": top1, "val_top5_err": top5,
+                                "images_per_s": speed + epoch, "cross_group_mb_per_step": mb}) + "\n")
+    json.dump({"groups": G, "params": params, "macs": macs}, open(run_dir / "summary.json", "w"))
+
+
+def test_report_numbers_are_recomputed_from_metrics(tmp_path):
+    fam = tmp_path / "fam"
+    curves = {(1, 0): [(30.0, 5.0), (20.0, 3.0)], (1, 1): [(28.0, 4.0), (22.0, 2.5)],
+              (2, 0): [(25.0, 4.5), (21.0, 2.0)], (2, 1): [(24.0, 4.0), (19.5, 2.2)], (4, 0): [(40.0, 9.0), (26.0, 6.0)]}
+    macs = {1: 1000, 2: 640, 4: 460}
+    for (G, seed), errors in curves.items():
+        fake_run(fam, G, seed, errors, macs[G], mb=0.5 * G)
+    (fam / "g3-s0").mkdir()  # unfinished run: no summary, must be ignored
+    text = build_report(str(fam))
+    rows = {int(r["groups"]): r for r in csv.DictReader(open(fam / "comparison.csv"))}
+    assert sorted(rows) == [1, 2, 4]
+    for G in (1, 2, 4):
+        runs = [c for (g, _), c in curves.items() if g == G]
+        finals = [c[-1][0] for c in runs]
+        bests5 = [min(e[1] for e in c) for c in runs]
+        assert float(rows[G]["final_top1_mean"]) == pytest.approx(statistics.fmean(finals))
+        assert float(rows[G]["best_top5_mean"]) == pytest.approx(statistics.fmean(bests5))
+        if len(runs) > 1:
+            assert float(rows[G]["final_top1_std"]) == pytest.approx(statistics.stdev(finals))
+        else:
+            assert math.isnan(float(rows[G]["final_top1_std"]))
+        assert float(rows[G]["macs_rel_g1"]) == pytest.approx(macs[G] / 1000)
+        assert int(rows[G]["seeds"]) == len(runs)
+        assert float(rows[G]["images_per_s"]) == pytest.approx(101.5)
+        assert float(rows[G]["cross_group_mb_per_step"]) == pytest.approx(0.5 * G)
+    # the statement is computed: G=2 mean 20.25 vs G=1 mean 21.0, std sqrt(2) -> below
+    assert "G = 2 is 0.75 points below G = 1" in text and "36.0%" in text
+    assert (fam / "comparison.png").stat().st_size > 10_000 and (fam / "comparison.md").exists()
+
+
+def write_family(tmp_path):
+    fam = tmp_path / "configs" / "tinyfam"
+    fam.mkdir(parents=True)
+    for G in (1, 2):
+        (fam / f"g{G}.yaml").write_text(
+            f"inherit: {SMOKE}\nmodel:\n  groups: {G}\n  conv_channels: [12, 24, 36, 36, 24]\n  fc_widths: [48, 48]\n"
+            "train:\n  epochs: 2\n")
+    return fam
+
+
+def test_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
+    fam = write_family(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    from alexnet.fit import fit
+    runs = compare_groups.plan(str(fam), [1, 2], [0], [])
+    assert [r["state"] for r in runs] == ["new", "new"]
+    assert runs[0]["dir"] == os.path.join("runs", "tinyfam", "g1-s0")
+    fit(runs[0]["cfg"], quiet=True)                         # G=1 finished
+    fit(runs[1]["cfg"], stop_after_epoch=1, quiet=True)     # G=2 interrupted after epoch 1
+    runs = compare_groups.plan(str(fam), [1, 2], [0], [])
+    assert [r["state"] for r in runs] == ["done", "resume"]
+    finished_before = os.path.getmtime(tmp_path / "runs" / "tinyfam" / "g1-s0" / "summary.json")
+    assert compare_groups.main([str(fam), "--seeds", "0", "--groups", "1", "2"]) == 0
+    assert os.path.getmtime(tmp_path / "runs" / "tinyfam" / "g1-s0" / "summary.json") == finished_before
+    lines = [json.loads(x) for x in open(tmp_path / "runs" / "tinyfam" / "g2-s0" / "metrics.jsonl")]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert (tmp_path / "runs" / "tinyfam" / "comparison.csv").exists()
+    assert compare_groups.main([str(fam), "--seeds", "0", "--groups", "1", "2", "--collect-only"]) == 0
+
+
+def test_runner_rejects_overrides_it_owns(tmp_path):
+    fam = write_family(tmp_path)
+    assert compare_groups.main([str(fam), "--set", "run.seed=3"]) == 2
+
+
+def test_smoke_run_events_hold_hparams_and_filter_images(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from alexnet.config import load
+    from alexnet.fit import fit
+    fit(load("configs/smoke.yaml", [f"run.dir={tmp_path}"]), quiet=True)
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Tags()["images"]
+    assert {"filters/conv1_group0", "filters/conv1_group1", "filters/conv2_correlation"} <= set(images)
+    hparams = events.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hparams
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["groups"].number_value == 2 and "macs" in start.hparams
+    assert "hparam/final_val_top1_err" in events.Tags()["scalars"]
+
+
+def test_visualize_filters_writes_pngs(tmp_path):
+    from alexnet.config import load
+    from alexnet.fit import fit
+    from scripts.visualize_filters import main
+    fit(load("configs/smoke.yaml", [f"run.dir={tmp_path / 'run'}", "train.epochs=1"]), quiet=True)
+    assert main([str(tmp_path / "run" / "checkpoints" / "last.pt"), "--out", str(tmp_path / "png")]) == 0
+    for name in ("conv1_filters.png", "conv2_correlation.png"):
+        assert (tmp_path / "png" / name).stat().st_size > 1000

@@ -28,7 +28,7 @@ fashion-mnist:
 	else echo "no apt: train.py will download Fashion-MNIST with torchvision"; fi
 
 demo: setup fashion-mnist
-	$(BIN)/python train.py --config configs/fashion_mnist/g2.yaml
+	$(BIN)/python scripts/compare_groups.py configs/fashion_mnist --seeds 0
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,0 +1,39 @@
+"""The README's promises: the parallel/ example runs, the test command is what CI runs."""
+import os
+import re
+
+import torch
+
+
+def readme(root) -> str:
+    return open(os.path.join(root, "README.md")).read()
+
+
+def test_readme_toy_example_runs_and_matches_grouped_reference(root, capsys):
+    code = re.search(r"<!-- toy-example -->\s*```python\n(.*?)```", readme(root), re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    logits, layers, placement = scope["logits"], scope["layers"], scope["placement"]
+    assert logits.shape == (8, 10)
+    # the same network in plain torch, with the toy's weights: conv1 dense, conv2 groups=2, fc dense
+    conv1, conv2, fc = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 3, padding=1, groups=2), \
+        torch.nn.Linear(32, 10)
+    with torch.no_grad():
+        for ref, ours in ((conv1, layers[0]), (conv2, layers[2]), (fc, layers[4])):
+            ref.weight.copy_(torch.cat(list(ours.weights)))
+            ref.bias.copy_(torch.cat(list(ours.biases)))
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 32, 32)
+    expected = fc(torch.nn.functional.adaptive_avg_pool2d(torch.relu(conv2(torch.relu(conv1(x)))), 1).flatten(1))
+    y = x
+    for layer in layers:
+        y = layer(y)
+    got = scope["gather_output"](placement, y, layers[-1].group_out)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert placement.counter.snapshot()["fc/fwd"] > 0
+
+
+def test_ci_runs_the_readme_test_command(root):
+    assert "make test" in readme(root)
+    ci = open(os.path.join(root, ".ci", "run")).read()
+    assert re.search(r"^make test$", ci, re.M)

@@ -37,7 +37,8 @@ def data_from_config(cfg: dict, placement):
     if d["dataset"] == "fashion_mnist":
         from data import fashion_mnist
         return fashion_mnist.build(d["root"], size=m["input_size"], augment=d["augment"],
-                                   crop_padding=d["crop_padding"], limit=d["limit"], **common)
+                                   crop_padding=d["crop_padding"], limit=d["limit"], download=d["download"],
+                                   **common)
     from data import imagefolder
     return imagefolder.build(d["root"], size=m["input_size"], workers=d["workers"], pca_std=d["pca_std"],
                              eval_crops=d["eval_crops"], **common)

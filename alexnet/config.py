@@ -47,6 +47,7 @@ DEFAULTS: dict = {
     "data": {
         "dataset": "fashion_mnist",  # fashion_mnist | imagefolder | fake
         "root": None,                # dataset folder; fashion_mnist: None searches $FASHION_MNIST_DIR, Debian path, cache
+        "download": True,            # fashion_mnist: let torchvision download it when it is nowhere on disk
         "batch_size": 128,           # global batch (split over data-parallel replicas)
         "val_batch_size": 512,
         "workers": 4,                # imagefolder loader processes

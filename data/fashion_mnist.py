@@ -49,10 +49,10 @@ def _download(directory: str) -> dict[str, str] | None:
     return _complete(directory)
 
 
-def locate(root: str | None = None, cache_dir: str | None = None) -> dict[str, str]:
+def locate(root: str | None = None, cache_dir: str | None = None, download: bool = True) -> dict[str, str]:
     """Paths of the four IDX files, or a DataError that says how to get them."""
     if root:
-        found = _complete(root) or _download(root)
+        found = _complete(root) or (download and _download(root))
         if not found:
             raise DataError(f"Fashion-MNIST not found in data.root={root!r} and could not be downloaded there; "
                             + HOW_TO_GET)
@@ -62,7 +62,7 @@ def locate(root: str | None = None, cache_dir: str | None = None) -> dict[str, s
         found = _complete(directory)
         if found:
             return found
-    found = _download(cache_dir or DEFAULT_CACHE)
+    found = download and _download(cache_dir or DEFAULT_CACHE)
     if not found:
         raise DataError("Fashion-MNIST not found (looked in $FASHION_MNIST_DIR, "
                         f"{DEBIAN_DIR}, {cache_dir or DEFAULT_CACHE}) and the download failed; " + HOW_TO_GET)
@@ -98,7 +98,7 @@ class InMemoryLoader:
 
     Augmentation runs on the whole batch at once (pad, random crop by index arithmetic,
     horizontal flip), so it costs a few tensor ops per batch rather than a Python loop
-    per image. Randomness comes from (seed, epoch): resuming replays it exactly.
+    per image. Randomness comes from (seed, epoch, batch): resuming replays it exactly.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, size: int, train: bool,
@@ -118,8 +118,9 @@ class InMemoryLoader:
         return len(self.sampler)
 
     def __iter__(self):
-        gen = epoch_generator(self.seed, self.sampler.epoch, stream=1)
-        for idx in self.sampler:
+        for i, idx in enumerate(self.sampler, start=self.sampler.skip):
+            # One generator per batch: a run resumed mid-epoch draws the same crops and flips.
+            gen = epoch_generator(self.seed, self.sampler.epoch, stream=1 + i)
             idx = torch.tensor(idx, dtype=torch.long)
             x = self.images[idx].float().div_(255.0)
             if x.ndim == 3:
@@ -151,9 +152,9 @@ class InMemoryLoader:
 
 def build(root: str | None, batch_size: int, val_batch_size: int, size: int, seed: int, replica: int,
           num_replicas: int, augment: bool = True, crop_padding: int = 2, cache_dir: str | None = None,
-          limit: int = 0):
+          limit: int = 0, download: bool = True):
     """Train and validation loaders over Fashion-MNIST (``limit`` > 0 keeps the first samples of each)."""
-    paths = locate(root, cache_dir)
+    paths = locate(root, cache_dir, download)
     tensors = {key: read_idx(path) for key, path in paths.items()}
     if limit:
         tensors = {key: t[:limit] for key, t in tensors.items()}

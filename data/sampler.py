@@ -13,7 +13,7 @@ import torch
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     """A generator that depends only on (seed, epoch, stream)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + stream)
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + stream) % 2 ** 63)
 
 
 class ReplicaBatchSampler:

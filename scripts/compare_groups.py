@@ -1,14 +1,15 @@
 """Run a config family over G = 1..4 and several seeds, then write the comparison report.
 
   python scripts/compare_groups.py configs/fashion_mnist --seeds 0 1 2
-  python scripts/compare_groups.py configs/fashion_mnist --seeds 0 --set train.epochs=3
+  python scripts/compare_groups.py configs/fashion_mnist --seeds 0 --set train.epochs=2 --runs-dir runs/demo
   python scripts/compare_groups.py configs/fashion_mnist --collect-only     # report from existing runs
   tensorboard --logdir runs/fashion_mnist                                  # every run side by side
 
-Each run goes to runs/<family>/g<G>-s<seed>/. A run whose summary.json exists is skipped;
-one with a checkpoint but no summary is resumed, so the study can be stopped (Ctrl-C) and
-started again at any time without losing finished work. The report (comparison.md, .csv,
-.png) is written into runs/<family>/ and printed.
+Each run goes to runs/<family>/g<G>-s<seed>/ (or --runs-dir). A run whose summary.json
+exists is skipped; one with a checkpoint but no summary is resumed, so the study can be
+stopped (Ctrl-C) and started again at any time without losing finished work. A run
+folder trained with other settings is an error, never silently mixed in. The report
+(comparison.md, .csv, .png) is written next to the runs and printed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import argparse
 import os
 import sys
 import time
+
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,18 +31,22 @@ from parallel.placement import PlacementError  # noqa: E402
 from scripts.study_report import build_report  # noqa: E402
 
 
-def plan(config_dir: str, groups: list[int], seeds: list[int], overrides: list[str]) -> list[dict]:
+def plan(config_dir: str, groups: list[int], seeds: list[int], overrides: list[str],
+         runs_dir: str | None = None) -> list[dict]:
     """Every (G, seed) run with its resolved config and state: done, resume or new."""
     if any(o.split("=", 1)[0].strip() in ("run.dir", "run.seed", "model.groups") for o in overrides):
-        raise ConfigError("compare_groups sets run.dir, run.seed and model.groups itself; drop them from --set")
+        raise ConfigError("compare_groups sets run.dir, run.seed and model.groups itself; drop them from --set "
+                          "(use --runs-dir for another folder)")
     runs = []
     for G in groups:
         path = os.path.join(config_dir, f"g{G}.yaml")
         if not os.path.isfile(path):
             raise ConfigError(f"{path} does not exist; the family needs g1.yaml .. g4.yaml (or pass --groups)")
         for seed in seeds:
-            cfg = load(path, overrides + [f"run.seed={seed}"])
+            extra = [f"run.seed={seed}"] + ([f"run.dir={os.path.join(runs_dir, f'g{G}-s{seed}')}"] if runs_dir else [])
+            cfg = load(path, overrides + extra)
             run_dir = cfg["run"]["dir"]
+            check_same_settings(cfg, run_dir)
             if os.path.isfile(os.path.join(run_dir, "summary.json")):
                 state = "done"
             elif os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
@@ -48,6 +55,20 @@ def plan(config_dir: str, groups: list[int], seeds: list[int], overrides: list[s
                 state = "new"
             runs.append({"groups": G, "seed": seed, "cfg": cfg, "dir": run_dir, "state": state})
     return runs
+
+
+def check_same_settings(cfg: dict, run_dir: str) -> None:
+    """Refuse to reuse a run folder whose saved config differs from the one requested."""
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return
+    with open(saved_path) as f:
+        saved = yaml.safe_load(f)
+    differ = [f"{section}.{key}" for section in cfg for key in cfg[section]
+              if saved.get(section, {}).get(key) != cfg[section][key]]
+    if differ:
+        raise ConfigError(f"{run_dir} was trained with other settings ({', '.join(differ[:4])}); delete it, "
+                          "or pass --runs-dir to keep this study's runs elsewhere")
 
 
 def run_study(runs: list[dict]) -> None:
@@ -75,10 +96,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--groups", nargs="+", type=int, default=[1, 2, 3, 4])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--runs-dir", help="folder for this study's runs (default runs/<family>)")
     p.add_argument("--collect-only", action="store_true", help="only build the report from existing runs")
     args = p.parse_args(argv)
     try:
-        runs = plan(args.config_dir, args.groups, args.seeds, args.overrides)
+        runs = plan(args.config_dir, args.groups, args.seeds, args.overrides, args.runs_dir)
         if not args.collect_only:
             run_study(runs)
     except (ConfigError, SpecError, PlacementError, DataError, CheckpointError) as e:

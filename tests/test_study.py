@@ -113,3 +113,13 @@ def test_visualize_filters_writes_pngs(tmp_path):
     assert main([str(tmp_path / "run" / "checkpoints" / "last.pt"), "--out", str(tmp_path / "png")]) == 0
     for name in ("conv1_filters.png", "conv2_correlation.png"):
         assert (tmp_path / "png" / name).stat().st_size > 1000
+
+
+def test_runner_refuses_a_run_folder_with_other_settings(tmp_path, monkeypatch):
+    fam = write_family(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    from alexnet.fit import fit
+    fit(compare_groups.plan(str(fam), [1], [0], [])[0]["cfg"], stop_after_epoch=1, quiet=True)
+    assert compare_groups.main([str(fam), "--groups", "1", "--set", "optim.lr=0.5"]) == 2
+    runs = compare_groups.plan(str(fam), [1], [0], ["optim.lr=0.5"], runs_dir=str(tmp_path / "other"))
+    assert runs[0]["state"] == "new" and runs[0]["dir"] == str(tmp_path / "other" / "g1-s0")

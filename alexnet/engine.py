@@ -43,7 +43,9 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
     model.train()
     device = placement.output_device
     carry = carry or {"sums": [0.0] * 4, "seen": 0, "train_s": 0.0}
-    sums = torch.tensor(carry["sums"], device=device, dtype=torch.float64)  # loss*n, top1 wrong, top5 wrong, n
+    # loss*n, top1 wrong, top5 wrong, n. A carried partial epoch is already summed over
+    # replicas, so only replica 0 starts from it.
+    sums = torch.tensor(carry["sums"] if placement.replica == 0 else [0.0] * 4, device=device, dtype=torch.float64)
     seen = carry["seen"]
     stopped = False
     start = time.perf_counter()
@@ -82,8 +84,8 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = carry["train_s"] + time.perf_counter() - start
-    partial = {"sums": sums.tolist(), "seen": seen, "train_s": elapsed}
     sums = placement.all_reduce_sum(sums)
+    partial = {"sums": sums.tolist(), "seen": seen, "train_s": elapsed}
     return {"train_loss": (sums[0] / sums[3]).item(), "train_top1_err": 100.0 * (sums[1] / sums[3]).item(),
             "train_top5_err": 100.0 * (sums[2] / sums[3]).item(),
             "images_per_s": seen * placement.num_replicas / elapsed, "train_s": elapsed, "step": step,

@@ -35,7 +35,8 @@ def resolve_devices(devices: list[str] | str, groups: int) -> list[str]:
     """Turn the config's ``parallel.devices`` into concrete device strings.
 
     ``"auto"`` (alone or as the only list entry) means one slot per visible GPU, at most
-    ``groups`` of them, and ``["cpu"]`` when there is no GPU.
+    ``groups`` of them and a number that divides ``groups`` (G = 4 on 3 GPUs uses 2), and
+    ``["cpu"]`` when there is no GPU.
     """
     if isinstance(devices, str):
         devices = [devices]
@@ -43,7 +44,8 @@ def resolve_devices(devices: list[str] | str, groups: int) -> list[str]:
         n = torch.cuda.device_count()
         if n == 0:
             return ["cpu"]
-        return [f"cuda:{i}" for i in range(min(n, groups))]
+        slots = max(k for k in range(1, min(n, groups) + 1) if groups % k == 0)
+        return [f"cuda:{i}" for i in range(slots)]
     if "auto" in devices:
         raise PlacementError("parallel.devices: 'auto' must be the only entry, e.g. devices: [auto]")
     for d in devices:

@@ -1,7 +1,6 @@
 """Every parallel/ layer against its single-device torch reference, forward and backward."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_close

@@ -66,8 +66,11 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
         with torch.no_grad():
             wrong1, wrong5 = topk_wrong(logits, labels)
             n = labels.shape[0]
-            sums += torch.stack([loss.detach().double() * n, wrong1.double(), wrong5.double(),
-                                 torch.tensor(n, dtype=torch.float64, device=device)])
+            # Python scalars go into the kernels as arguments: no host-to-device copy per step.
+            sums[0] += loss.detach().double() * n
+            sums[1] += wrong1
+            sums[2] += wrong5
+            sums[3] += n
         seen += images.shape[0]
         step += 1
         if step % log_every == 0:

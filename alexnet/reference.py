@@ -32,10 +32,6 @@ class GroupedLinear(nn.Module):
         super().__init__()
         self.conv = nn.Conv1d(in_features, out_features, 1, groups=groups)
 
-    @property
-    def weight(self):
-        return self.conv.weight
-
     def forward(self, x):
         return self.conv(x.unsqueeze(-1)).squeeze(-1)
 
@@ -75,17 +71,3 @@ class ReferenceAlexNet(nn.Module):
         for stage in self.children():
             x = stage(x)
         return x
-
-    def reference_state_dict(self) -> dict:
-        """``{conv1.weight: ..., fc8.bias: ...}`` whatever module wraps the layer."""
-        out = {}
-        for name in self.layer_names:
-            m = getattr(self, name)
-            m = m.conv if isinstance(m, GroupedLinear) else m
-            out[f"{name}.weight"], out[f"{name}.bias"] = m.weight.detach(), m.bias.detach()
-        return out
-
-    def load_reference_state_dict(self, state: dict) -> None:
-        own = self.reference_state_dict()
-        for key, value in own.items():
-            value.copy_(state[key].reshape(value.shape))

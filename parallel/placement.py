@@ -31,7 +31,7 @@ def split_sizes(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def resolve_devices(devices: list[str] | str, groups: int) -> list[str]:
+def resolve_devices(devices, groups: int) -> list[str]:
     """Turn the config's ``parallel.devices`` into concrete device strings.
 
     ``"auto"`` (alone or as the only list entry) means one slot per visible GPU, at most
@@ -87,7 +87,7 @@ class LocalPlacement:
     def __init__(self, groups: int, devices: list[str] | str = ("cpu",), counter: CommCounter | None = None):
         if groups < 1:
             raise PlacementError(f"groups must be >= 1, got {groups}")
-        devices = resolve_devices(list(devices) if not isinstance(devices, str) else devices, groups)
+        devices = resolve_devices(devices, groups)
         if len(devices) > groups:
             raise PlacementError(
                 f"parallel.devices has {len(devices)} slots but there are only {groups} groups; "

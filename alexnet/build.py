@@ -30,15 +30,16 @@ def data_from_config(cfg: dict, placement):
     d, m, seed = cfg["data"], cfg["model"], cfg["run"]["seed"]
     common = dict(batch_size=d["batch_size"], val_batch_size=d["val_batch_size"], seed=seed,
                   replica=placement.replica, num_replicas=placement.num_replicas)
+    device = placement.input_device  # in-memory data lives where the first layer reads it
     if d["dataset"] == "fake":
         from data import fake
         return fake.build(m["num_classes"], m["in_channels"], m["input_size"], train_samples=d["fake_train_samples"],
-                          val_samples=d["fake_val_samples"], **common)
+                          val_samples=d["fake_val_samples"], device=device, **common)
     if d["dataset"] == "fashion_mnist":
         from data import fashion_mnist
         return fashion_mnist.build(d["root"], size=m["input_size"], augment=d["augment"],
                                    crop_padding=d["crop_padding"], limit=d["limit"], download=d["download"],
-                                   **common)
+                                   device=device, **common)
     from data import imagefolder
     return imagefolder.build(d["root"], size=m["input_size"], workers=d["workers"], pca_std=d["pca_std"],
                              eval_crops=d["eval_crops"], **common)

@@ -43,6 +43,10 @@ DEFAULTS: dict = {
         "precision": "fp32",         # fp32 | bf16 (autocast; CUDA)
         "log_every": 50,             # steps between TensorBoard loss points
         "filter_images_every": 1,    # epochs between conv1 filter pictures in TensorBoard (0: never)
+        "compile": False,            # torch.compile the model (no graph breaks on the local placement)
+        "channels_last": True,       # CUDA: NHWC activations and weights (cuDNN's fast layout); ignored on CPU
+        "cudnn_benchmark": True,     # CUDA: let cuDNN time its algorithms per shape; ignored on CPU
+        "conv_formulation": "auto",  # grouped | split | auto (CUDA: time both per layer at start-up; CPU: grouped)
     },
     "data": {
         "dataset": "fashion_mnist",  # fashion_mnist | imagefolder | fake
@@ -51,6 +55,8 @@ DEFAULTS: dict = {
         "batch_size": 128,           # global batch (split over data-parallel replicas)
         "val_batch_size": 512,
         "workers": 4,                # imagefolder loader processes
+        "decode": "auto",            # imagefolder: cpu (PIL in the workers) | gpu (workers read bytes, the training
+                                     # device decodes and transforms) | auto (gpu when the input device is CUDA)
         "augment": True,             # fashion_mnist: random horizontal flips, and crops if crop_padding > 0
         "crop_padding": 2,           # fashion_mnist: random crops of the image padded by this many pixels
         "pca_std": 0.1,              # imagefolder PCA colour noise
@@ -76,6 +82,7 @@ DEFAULTS: dict = {
 NULLABLE = {"data.root": str, "run.dir": str}
 CHOICES = {"model.init": ("paper", "caffe", "kaiming"), "optim.schedule": ("paper", "step", "cosine", "constant"),
            "data.dataset": ("fashion_mnist", "imagefolder", "fake"), "train.precision": ("fp32", "bf16"),
+           "train.conv_formulation": ("auto", "grouped", "split"), "data.decode": ("auto", "cpu", "gpu"),
            "parallel.placement": ("local", "distributed", "auto"), "parallel.backend": ("auto", "nccl", "gloo")}
 
 

@@ -31,14 +31,23 @@ def step_seed(seed: int, step: int, process_index: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + process_index * 101) % (2 ** 63)
 
 
+def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """The batch on the model's input device, NHWC in memory when asked (cuDNN's fast layout)."""
+    images = images.to(device, non_blocking=True)
+    if channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, step: int, seed: int = 0,
                     precision: str = "fp32", progress=None, on_log=None, log_every: int = 50,
-                    should_stop=lambda: False, carry: dict | None = None) -> dict:
+                    should_stop=lambda: False, carry: dict | None = None, channels_last: bool = False) -> dict:
     """Forward, backward, step over the loader; returns epoch metrics and the new global step.
 
     The host reads the loss only every ``log_every`` steps, so GPU groups never wait on it.
     ``carry`` holds the sums of an epoch interrupted earlier (resume mid-epoch). When
-    ``should_stop()`` turns true on any rank, every rank stops after the same step.
+    ``should_stop()`` turns true on any rank, every rank stops after the same step: each
+    step starts a vote that the next step reads, so no step waits for the others.
     """
     model.train()
     device = placement.output_device
@@ -48,13 +57,14 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
     sums = torch.tensor(carry["sums"] if placement.replica == 0 else [0.0] * 4, device=device, dtype=torch.float64)
     seen = carry["seen"]
     stopped = False
+    vote = None
     start = time.perf_counter()
     for images, labels in loader:
         torch.manual_seed(step_seed(seed, step, placement.process_index))
         lr = schedule.lr(step, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images = images.to(placement.input_device, non_blocking=True)
+        images = to_input(images, placement.input_device, channels_last)
         labels = labels.to(device, non_blocking=True)
         with autocast(precision, device):
             logits = model(images)
@@ -81,9 +91,13 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
                 progress.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.3g}")
         if progress:
             progress.update(1)
-        if placement.any_rank(should_stop()):
+        if vote is not None and vote():
             stopped = True
             break
+        vote = placement.any_rank_async(should_stop())
+    else:
+        # the last vote is read too, so every rank takes part in the same collectives
+        stopped = vote is not None and vote()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = carry["train_s"] + time.perf_counter() - start
@@ -96,25 +110,27 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
 
 
 @torch.no_grad()
-def evaluate(model, loader, placement, precision: str = "fp32") -> dict:
+def evaluate(model, loader, placement, precision: str = "fp32", channels_last: bool = False) -> dict:
     """Top-1/top-5 error (percent) and loss over the whole loader; 10-crop batches are averaged."""
     model.eval()
     device = placement.output_device
     sums = torch.zeros(4, device=device, dtype=torch.float64)
     for images, labels in loader:
-        images = images.to(placement.input_device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
         crops = images.shape[1] if images.ndim == 5 else 1
         if crops > 1:
             images = images.flatten(0, 1)
+        images = to_input(images, placement.input_device, channels_last)
+        labels = labels.to(device, non_blocking=True)
         with autocast(precision, device):
             logits = model(images).float()
         if crops > 1:
             logits = logits.softmax(-1).view(-1, crops, logits.shape[-1]).mean(1).log()
         loss = F.cross_entropy(logits, labels, reduction="sum")
         wrong1, wrong5 = topk_wrong(logits, labels)
-        sums += torch.stack([loss.double(), wrong1.double(), wrong5.double(),
-                             torch.tensor(labels.shape[0], dtype=torch.float64, device=device)])
+        sums[0] += loss.double()
+        sums[1] += wrong1
+        sums[2] += wrong5
+        sums[3] += labels.shape[0]
     sums = placement.all_reduce_sum(sums)
     n = sums[3].item()
     return {"val_loss": (sums[0] / n).item(), "val_top1_err": 100.0 * (sums[1] / n).item(),

@@ -8,6 +8,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from alexnet import accel
 from alexnet import checkpoint as ckpt_io
 from alexnet.build import data_from_config, placement_from_config, spec_from_config
 from alexnet.config import dump
@@ -25,7 +26,10 @@ def build_run(cfg: dict, placement=None):
     model = GroupAlexNet(spec, placement)
     model.load_reference(init_reference_state(spec, cfg["run"]["seed"]))
     o = cfg["optim"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+    # fused: one kernel for the whole update on CUDA, instead of a few per parameter
+    fused = True if accel.on_cuda(placement) else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
+                                fused=fused)
     return spec, placement, model, optimizer
 
 
@@ -44,8 +48,7 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
         placement=None, quiet: bool = False) -> dict:
     """Train as the config says; returns the summary (also written to summary.json)."""
     torch.manual_seed(cfg["run"]["seed"])
-    if cfg["run"]["deterministic"]:
-        torch.use_deterministic_algorithms(True)
+    accel.set_determinism(cfg["run"]["deterministic"])
     spec, placement, model, optimizer = build_run(cfg, placement)
     run_dir = cfg["run"]["dir"]
     train_loader, val_loader = data_from_config(cfg, placement)
@@ -63,6 +66,10 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
         start_epoch, step, wall_before = ckpt["epoch"], ckpt["step"], ckpt["wall_s"]
         skip, carry = ckpt.get("epoch_step", 0), ckpt.get("partial")
     log = RunLog(run_dir, placement.is_main, start_epoch, step)
+    say = print if placement.is_main and not quiet else (lambda *a, **k: None)
+    batch_shape = (train_loader.batch_size, spec.in_channels, spec.input_size, spec.input_size)
+    runner = accel.prepare(model, cfg, placement, batch_shape, say=say)
+    channels_last = accel.on_cuda(placement) and t["channels_last"]
     if placement.is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(dump(cfg))
@@ -88,13 +95,13 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
                    disable=quiet or not placement.is_main, leave=False, dynamic_ncols=True)
         placement.counter.reset()
         step_before = step
-        result = train_one_epoch(model, train_loader, optimizer, schedule, placement, epoch, step, cfg["run"]["seed"],
+        result = train_one_epoch(runner, train_loader, optimizer, schedule, placement, epoch, step, cfg["run"]["seed"],
                                  t["precision"], progress=bar, log_every=t["log_every"], should_stop=should_stop,
-                                 carry=carry,
+                                 carry=carry, channels_last=channels_last,
                                  on_log=lambda s, loss, lr: (log.scalar("train/loss", loss, s),
                                                              log.scalar("train/lr", lr, s)))
         bar.close()
-        mb_per_step = placement.counter.total() / max(1, result["step"] - step_before) / 1e6
+        mb_per_step = placement.counter.total() / 1e6
         step = result["step"]
         epoch_step = skip + step - step_before
         skip, carry = 0, None
@@ -103,7 +110,7 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
             checkpoint(epoch, epoch_step, result["partial"])
             stopped = True
             break
-        val = evaluate(model, val_loader, placement, t["precision"])
+        val = evaluate(runner, val_loader, placement, t["precision"], channels_last)
         lr_used = schedule.lr(step - 1, epoch)
         schedule.end_epoch(val["val_top1_err"])
         record = {"epoch": epoch + 1, "step": step, "train_loss": result["train_loss"],

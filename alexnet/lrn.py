@@ -1,26 +1,71 @@
-"""Local response normalisation across channels, written with shifted slices.
+"""Local response normalisation across channels, per filter group, in the input's dtype.
 
 b_c = a_c / (k + alpha/n * sum_{c' in [c - n//2, c + (n-1)//2]} a_c'^2) ^ beta
 
-Identical in value to ``nn.LocalResponseNorm(n, alpha, beta, k)`` (the tests compare them),
-but about 1.6x faster forward+backward on CPU than torch's avg_pool3d-based version.
+with the window clipped to the channels of c's own group (G groups of C/G channels), so
+one call on a slot holding several groups equals torch's ``nn.LocalResponseNorm(n, alpha,
+beta, k)`` applied to each group (the tests compare them, forward and backward).
+
+Why not torch's: it builds the window sum with avg_pool3d on a padded 5-D copy, and under
+bf16 autocast its ``pow`` runs in fp32, so its output is fp32 and the max-pool after it
+and the next convolution pay for conversions. Here the window is a sum of n shifted
+slices, the arithmetic is fp32 (the sum of squares needs it) and the output has the
+input's dtype. On CUDA the function is compiled once into fused kernels (forward and
+backward); on CPU it runs eagerly (about 1.6x faster than torch's there).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def local_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
+                        groups: int = 1) -> torch.Tensor:
+    """LRN over channels (dim 1) within each of ``groups`` contiguous channel blocks."""
+    c = x.shape[1]
+    xg = x.unflatten(1, (groups, c // groups)).to(torch.promote_types(x.dtype, torch.float32))
+    # pad the within-group channel dim (dim 2) by the window's reach on each side
+    pad = [0, 0] * (xg.ndim - 3) + [size // 2, (size - 1) // 2]
+    padded = F.pad(xg * xg, pad)
+    per_group = xg.shape[2]
+    window = padded.narrow(2, 0, per_group)
+    for i in range(1, size):
+        window = window + padded.narrow(2, i, per_group)
+    y = xg * (window * (alpha / size) + k).pow(-beta)
+    return y.flatten(1, 2).to(x.dtype)
+
+
 class FastLRN(nn.Module):
-    def __init__(self, size: int, alpha: float, beta: float, k: float):
+    """``local_response_norm`` as a module; PerGroup passes a slot's group count (``groups_aware``).
+
+    ``fused=True`` compiles the function on CUDA (Triton kernels); when the whole model is
+    compiled it is traced inline instead. A failed compilation (no Triton, old GPU) warns
+    once and falls back to eager.
+    """
+
+    groups_aware = True
+
+    def __init__(self, size: int, alpha: float, beta: float, k: float, fused: bool = True):
         super().__init__()
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        self.fused = fused
+        self._compiled = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        padded = F.pad(x * x, (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2))
-        window = padded[:, 0:c]
-        for i in range(1, self.size):
-            window = window + padded[:, i:i + c]
-        return x * (window * (self.alpha / self.size) + self.k).pow(-self.beta)
+    def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        args = (self.size, self.alpha, self.beta, self.k, groups)
+        if self.fused and x.is_cuda and not torch.compiler.is_compiling():
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(local_response_norm)
+                return self._compiled(x, *args)
+            except Exception as e:  # noqa: BLE001  (any compiler failure: keep training, eagerly)
+                warnings.warn(f"LRN: torch.compile failed on {x.device} ({type(e).__name__}: {e}); "
+                              "using the eager LRN", stacklevel=2)
+                self.fused = False
+        return local_response_norm(x, *args)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"

@@ -24,10 +24,10 @@ class GroupAlexNet(nn.Module):
         super().__init__()
         self.spec, self.placement = spec, placement
         self.layer_infos = spec.layers()
-        relu = PerGroup(placement, nn.ReLU())
+        relu = PerGroup(placement, nn.ReLU(), channel_wise=True)
         lrn = PerGroup(placement, lrn_module(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K))
-        pool = PerGroup(placement, nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE))
-        drop = PerGroup(placement, nn.Dropout(spec.dropout))
+        pool = PerGroup(placement, nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE), channel_wise=True)
+        drop = PerGroup(placement, nn.Dropout(spec.dropout), channel_wise=True)
         self.stages = nn.ModuleList()
         self.weight_layers: dict[str, nn.Module] = {}
         for i, info in enumerate(self.layer_infos):

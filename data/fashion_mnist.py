@@ -94,22 +94,32 @@ def _prod(dims) -> int:
 
 
 class InMemoryLoader:
-    """Batches of an in-memory uint8 image tensor, normalised, optionally augmented.
+    """Batches of an in-memory uint8 image tensor, normalised, optionally augmented, on ``device``.
 
-    Augmentation runs on the whole batch at once (pad, random crop by index arithmetic,
-    horizontal flip), so it costs a few tensor ops per batch rather than a Python loop
-    per image. Randomness comes from (seed, epoch, batch): resuming replays it exactly.
+    The uint8 images live on ``device`` (the training device: Fashion-MNIST is 47 MB), and
+    every batch is gathered, cropped, flipped and normalised there with a few tensor ops
+    for the whole batch. The host's only per-epoch work is drawing the sample order and
+    every batch's crop offsets and flips (from (seed, epoch, batch) alone: resuming
+    replays them exactly, and every device gets the same numbers), copied over once per
+    epoch; per batch it only queues kernels, so the next batch is prepared while the
+    current step runs and the host never waits.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, size: int, train: bool,
                  seed: int = 0, replica: int = 0, num_replicas: int = 1, crop_padding: int = 2,
-                 flip: bool = True, mean: float = MEAN, std: float = STD):
-        self.images, self.labels = images, labels.long()
+                 flip: bool = True, mean: float = MEAN, std: float = STD, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.images = (images if images.ndim == 4 else images.unsqueeze(1)).to(self.device)
+        self.labels = labels.long().to(self.device)
         self.size, self.train, self.seed = size, train, seed
         self.crop_padding, self.flip, self.mean, self.std = crop_padding, flip, mean, std
         self.sampler = ReplicaBatchSampler(len(labels), batch_size, shuffle=train, seed=seed,
                                            replica=replica, num_replicas=num_replicas)
         self.num_samples = len(labels)
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.sampler.set_epoch(epoch, skip)
@@ -117,15 +127,37 @@ class InMemoryLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self):
-        for i, idx in enumerate(self.sampler, start=self.sampler.skip):
-            # One generator per batch: a run resumed mid-epoch draws the same crops and flips.
+    def _epoch_draws(self, batches: range) -> torch.Tensor:
+        """(3, samples) crop tops, crop lefts and flips (0/1) of the given batches, in order.
+
+        One generator per batch: a run resumed mid-epoch draws the same crops and flips.
+        """
+        draws = []
+        p = self.crop_padding
+        for i in batches:
             gen = epoch_generator(self.seed, self.sampler.epoch, stream=1 + i)
-            idx = torch.tensor(idx, dtype=torch.long)
+            start, end = self.sampler.batch_positions(i)
+            n = end - start
+            top = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+            left = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+            flip = (torch.rand(n, generator=gen) < 0.5).long() if self.flip else torch.zeros(n, dtype=torch.long)
+            draws.append(torch.stack([top, left, flip]))
+        return torch.cat(draws, dim=1) if draws else torch.zeros(3, 0, dtype=torch.long)
+
+    def __iter__(self):
+        batches = range(self.sampler.skip, len(self))
+        order = self.sampler.epoch_order().to(self.device, non_blocking=True)
+        draws = self._epoch_draws(batches).to(self.device, non_blocking=True) if self.train else None
+        offset = 0
+        for i in batches:
+            start, end = self.sampler.batch_positions(i)
+            idx = order[start:end]
             x = self.images[idx].float().div_(255.0)
-            if x.ndim == 3:
-                x = x.unsqueeze(1)
-            x = self._augment(x, gen) if self.train else self._centre(x)
+            if self.train:
+                x = self._augment(x, draws[:, offset:offset + end - start])
+            else:
+                x = self._centre(x)
+            offset += end - start
             yield (x - self.mean) / self.std, self.labels[idx]
 
     def _centre(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,32 +166,33 @@ class InMemoryLoader:
         lo = pad // 2
         return torch.nn.functional.pad(x, (lo, pad - lo, lo, pad - lo))
 
-    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n = x.shape[0]
+    def _augment(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """Random ``size`` crops of the centred image padded by crop_padding, flipped where drawn."""
+        n, dev = x.shape[0], x.device
         p = self.crop_padding
         padded = torch.nn.functional.pad(self._centre(x), (p, p, p, p))
-        top = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        left = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        ar = torch.arange(self.size)
+        top, left, flip = draws
+        ar = torch.arange(self.size, device=dev)
         rows = (top[:, None] + ar)[:, None, :, None]
-        cols = (left[:, None] + ar)[:, None, None, :]
-        out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
-        if self.flip:
-            flip = torch.rand(n, generator=gen) < 0.5
-            out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-        return out
+        # a flipped crop reads its columns right to left
+        cols = torch.where(flip[:, None].bool(), left[:, None] + self.size - 1 - ar, left[:, None] + ar)
+        cols = cols[:, None, None, :]
+        channels = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+        return padded[torch.arange(n, device=dev)[:, None, None, None], channels, rows, cols]
 
 
 def build(root: str | None, batch_size: int, val_batch_size: int, size: int, seed: int, replica: int,
           num_replicas: int, augment: bool = True, crop_padding: int = 2, cache_dir: str | None = None,
-          limit: int = 0, download: bool = True):
-    """Train and validation loaders over Fashion-MNIST (``limit`` > 0 keeps the first samples of each)."""
+          limit: int = 0, download: bool = True, device: torch.device | str = "cpu"):
+    """Train and validation loaders over Fashion-MNIST (``limit`` > 0 keeps the first samples of each),
+    holding the data on ``device``."""
     paths = locate(root, cache_dir, download)
     tensors = {key: read_idx(path) for key, path in paths.items()}
     if limit:
         tensors = {key: t[:limit] for key, t in tensors.items()}
     train = InMemoryLoader(tensors["train_images"], tensors["train_labels"], batch_size, size, True, seed,
-                           replica, num_replicas, crop_padding=crop_padding if augment else 0, flip=augment)
+                           replica, num_replicas, crop_padding=crop_padding if augment else 0, flip=augment,
+                           device=device)
     val = InMemoryLoader(tensors["val_images"], tensors["val_labels"], val_batch_size, size, False, seed,
-                         replica, num_replicas)
+                         replica, num_replicas, device=device)
     return train, val

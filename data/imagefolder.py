@@ -59,6 +59,10 @@ class FolderLoader:
                                                   persistent_workers=workers > 0)
         self.num_samples = len(dataset)
 
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.sampler.set_epoch(epoch, skip)
 

@@ -36,11 +36,21 @@ class ReplicaBatchSampler:
         full, rest = divmod(self.num_samples, self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
-    def __iter__(self):
+    def epoch_order(self) -> torch.Tensor:
+        """This epoch's sample order (a permutation when shuffling)."""
         if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch))
-        else:
-            order = torch.arange(self.num_samples)
+            return torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch))
+        return torch.arange(self.num_samples)
+
+    def batch_positions(self, i: int) -> tuple[int, int]:
+        """[start, end) in ``epoch_order()`` of this replica's slice of global batch i."""
+        lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.num_samples)
+        size, extra = divmod(hi - lo, self.num_replicas)  # torch.tensor_split's rule: the first `extra` get one more
+        start = lo + self.replica * size + min(self.replica, extra)
+        return start, start + size + (1 if self.replica < extra else 0)
+
+    def __iter__(self):
+        order = self.epoch_order()
         for i in range(self.skip, len(self)):
-            batch = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield torch.tensor_split(batch, self.num_replicas)[self.replica].tolist()
+            start, end = self.batch_positions(i)
+            yield order[start:end].tolist()

@@ -1,36 +1,45 @@
 """Cross-group communication primitives, each forward next to its backward.
 
-Only this file moves activations between groups. Every primitive adds the bytes it moves
-to a :class:`CommCounter` from tensor shapes alone (no host synchronisation), forward and
-backward, so the number is the groups' logical exchange volume whatever the placement:
-at a cross-group layer each of the G groups receives the other G-1 groups' shards of its
-input in the forward pass, and the same volume of gradients in the backward pass.
+Only this file moves activations between groups. The placements record the bytes each
+exchange moves in a :class:`CommCounter`, from tensor shapes alone (no host
+synchronisation, no Python state mutated inside autograd), so the number is the groups'
+logical exchange volume whatever the placement: at a cross-group layer each of the G
+groups receives the other G-1 groups' shards of its input in the forward pass, and the
+same volume of gradients in the backward pass.
 """
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
 
 
 class CommCounter:
-    """Bytes exchanged between groups, accumulated per named layer and direction.
+    """Bytes exchanged between groups in one training step, per named layer and direction.
+
+    Each exchange *records* its volume, a function of tensor shapes only, when its forward
+    runs: ``record(name, fwd, bwd)`` overwrites that layer's entry, so the counter holds
+    the traffic of the latest step whatever the number of steps, never reads back what it
+    stored, and nothing inside an autograd Function touches it. That keeps compiled graphs
+    free of breaks and of guards on changing Python numbers.
 
     With ``timed=True`` (benchmarks only) the distributed collectives also record their
     wall time in ``seconds``, synchronising CUDA around each one, which slows training.
     """
 
     def __init__(self, timed: bool = False) -> None:
-        self.bytes: dict[str, int] = defaultdict(int)
+        self.bytes: dict[str, int] = {}
         self.timed = timed
         self.seconds = 0.0
 
-    def add(self, name: str, nbytes: int) -> None:
-        self.bytes[name] += int(nbytes)
+    def record(self, name: str, fwd_bytes: int, bwd_bytes: int) -> None:
+        """Layer ``name`` moves ``fwd_bytes`` forward and ``bwd_bytes`` of gradients backward per step."""
+        self.bytes[f"{name}/fwd"] = fwd_bytes
+        self.bytes[f"{name}/bwd"] = bwd_bytes
 
     def total(self) -> int:
+        """Bytes per training step (forward + backward), summed over layers."""
         return sum(self.bytes.values())
 
     def reset(self) -> None:
@@ -74,19 +83,15 @@ class _GatherToDevices(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, meta, *shards):
-        targets, dim, counter, name, nbytes = meta
-        ctx.meta = (dim, counter, name, nbytes)
+    def forward(ctx, targets, dim, *shards):
+        ctx.dim = dim
         ctx.sizes = [s.shape[dim] for s in shards]
         ctx.devices = [s.device for s in shards]
-        counter.add(f"{name}/fwd", nbytes)
         # non_blocking: device-to-device copies queue on the stream, the host never waits.
         return tuple(torch.cat([s.to(t, non_blocking=True) for s in shards], dim=dim) for t in targets)
 
     @staticmethod
     def backward(ctx, *grads):
-        dim, counter, name, nbytes = ctx.meta
-        counter.add(f"{name}/bwd", nbytes)
         out = []
         for i, (dev, size) in enumerate(zip(ctx.devices, ctx.sizes)):
             start = sum(ctx.sizes[:i])
@@ -94,26 +99,17 @@ class _GatherToDevices(torch.autograd.Function):
             for g in grads:
                 if g is None:
                     continue
-                piece = g.narrow(dim, start, size).to(dev, non_blocking=True)
+                piece = g.narrow(ctx.dim, start, size).to(dev, non_blocking=True)
                 total = piece if total is None else total + piece
             out.append(total)
-        return (None, *out)
+        return (None, None, *out)
 
 
-def gather_to_devices(shards: list[torch.Tensor], targets: list[torch.device], dim: int,
-                      counter: CommCounter, name: str, nbytes: int) -> list[torch.Tensor]:
-    """Concatenate ``shards`` along ``dim`` on each of ``targets``; autograd-correct.
-
-    ``nbytes`` is the logical cross-group volume to record for each direction.
-    """
+def gather_to_devices(shards: list[torch.Tensor], targets: list[torch.device], dim: int) -> list[torch.Tensor]:
+    """Concatenate ``shards`` along ``dim`` on each of ``targets``; autograd-correct."""
     if len(shards) == 1 and len(targets) == 1 and shards[0].device == targets[0]:
-        # One slot: nothing physically moves, but the groups inside it still "exchange"
-        # their maps; record that so the counter does not depend on the placement.
-        counter.add(f"{name}/fwd", nbytes)
-        if shards[0].requires_grad:
-            shards[0].register_hook(lambda g: counter.add(f"{name}/bwd", nbytes))
-        return [shards[0]]
-    return list(_GatherToDevices.apply((targets, dim, counter, name, nbytes), *shards))
+        return [shards[0]]  # one slot: its groups already share the tensor
+    return list(_GatherToDevices.apply(tuple(targets), dim, *shards))
 
 
 # --- torch.distributed: one group per process -------------------------------------------
@@ -142,18 +138,16 @@ class _AllGatherDistinctConsumers(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, shard, pg, dim, sizes, index, counter, name, nbytes):
-        ctx.meta = (pg, dim, sizes, index, counter, name, nbytes)
-        counter.add(f"{name}/fwd", nbytes)
+    def forward(ctx, shard, pg, dim, sizes, index, counter):
+        ctx.meta = (pg, dim, sizes, index, counter)
         with counter.timing(shard.device):
             return _all_gather_along(shard, pg, dim, sizes)
 
     @staticmethod
     def backward(ctx, grad):
-        pg, dim, sizes, index, counter, name, nbytes = ctx.meta
-        counter.add(f"{name}/bwd", nbytes)
+        pg, dim, sizes, index, counter = ctx.meta
         with counter.timing(grad.device):
-            return (_sum_own_slice(grad, pg, dim, sizes, index), *[None] * 7)
+            return (_sum_own_slice(grad, pg, dim, sizes, index), *[None] * 5)
 
 
 def _sum_own_slice(grad: torch.Tensor, pg, dim: int, sizes: list[int], index: int) -> torch.Tensor:
@@ -177,21 +171,20 @@ class _AllGatherReplicatedConsumer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, shard, pg, dim, sizes, index, counter, name, nbytes):
+    def forward(ctx, shard, pg, dim, sizes, index, counter):
         ctx.meta = (dim, sizes, index)
-        counter.add(f"{name}/fwd", nbytes)
         with counter.timing(shard.device):
             return _all_gather_along(shard, pg, dim, sizes)
 
     @staticmethod
     def backward(ctx, grad):
         dim, sizes, index = ctx.meta
-        return (grad.narrow(dim, sum(sizes[:index]), sizes[index]).contiguous(), *[None] * 7)
+        return (grad.narrow(dim, sum(sizes[:index]), sizes[index]).contiguous(), *[None] * 5)
 
 
-def all_gather_for_distinct_consumers(shard, pg, dim, sizes, index, counter, name, nbytes):
-    return _AllGatherDistinctConsumers.apply(shard, pg, dim, sizes, index, counter, name, nbytes)
+def all_gather_for_distinct_consumers(shard, pg, dim, sizes, index, counter):
+    return _AllGatherDistinctConsumers.apply(shard, pg, dim, sizes, index, counter)
 
 
-def all_gather_for_replicated_consumer(shard, pg, dim, sizes, index, counter, name, nbytes):
-    return _AllGatherReplicatedConsumer.apply(shard, pg, dim, sizes, index, counter, name, nbytes)
+def all_gather_for_replicated_consumer(shard, pg, dim, sizes, index, counter):
+    return _AllGatherReplicatedConsumer.apply(shard, pg, dim, sizes, index, counter)

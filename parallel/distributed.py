@@ -102,8 +102,8 @@ class DistributedPlacement:
         sizes = group_sizes or [shard.shape[dim]] * self.groups
         nbytes = received_bytes(shard.numel() * shard.element_size() * sum(sizes) // sizes[self.group_index],
                                 sizes, list(range(self.groups)))
-        return [all_gather_for_distinct_consumers(shard, self.group_pg, dim, sizes, self.group_index,
-                                                  self.counter, name, nbytes)]
+        self.counter.record(name, nbytes, nbytes)
+        return [all_gather_for_distinct_consumers(shard, self.group_pg, dim, sizes, self.group_index, self.counter)]
 
     def gather_output(self, shards: list[torch.Tensor], dim: int, name: str,
                       group_sizes: list[int] | None = None) -> torch.Tensor:
@@ -112,8 +112,8 @@ class DistributedPlacement:
         sizes = group_sizes or [shard.shape[dim]] * self.groups
         nbytes = received_bytes(shard.numel() * shard.element_size() * sum(sizes) // sizes[self.group_index],
                                 sizes, list(range(self.groups)))
-        return all_gather_for_replicated_consumer(shard, self.group_pg, dim, sizes, self.group_index,
-                                                  self.counter, name, nbytes)
+        self.counter.record(name, nbytes, 0)  # backward keeps its own slice: nothing moves
+        return all_gather_for_replicated_consumer(shard, self.group_pg, dim, sizes, self.group_index, self.counter)
 
     def sync_gradients(self, params) -> None:
         """Average each group's gradients over the data replicas: one flat all-reduce."""
@@ -141,6 +141,20 @@ class DistributedPlacement:
         t = torch.tensor([1.0 if flag else 0.0], device="cpu" if self.control_pg is not None else self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_pg)
         return bool(t.item())
+
+    def any_rank_async(self, flag: bool):
+        """Start the same vote without waiting; the returned function waits and gives the answer.
+
+        The training loop starts one vote per step and reads it a step later, so agreeing
+        to stop never holds up a step (the loop stops one step after the signal).
+        """
+        t = torch.tensor([1.0 if flag else 0.0], device="cpu" if self.control_pg is not None else self.device)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_pg, async_op=True)
+
+        def result() -> bool:
+            work.wait()
+            return bool(t.item())
+        return result
 
     def barrier(self) -> None:
         dist.barrier()

@@ -89,11 +89,25 @@ class GroupConv2d(_GroupSharded):
                                                          device=slot.device)))
             self.biases.append(nn.Parameter(torch.zeros(hi - lo, device=slot.device)))
         self.slot_conv_groups = [s.count if input_mode == "own" else 1 for s in placement.local_slots]
+        # How a slot holding k > 1 groups computes them; both give the same Y_g (see FORMULATIONS).
+        self.formulation = "grouped"
         self.reset_parameters()
 
+    #: ``grouped``: one ``F.conv2d(groups=k)`` call; ``split``: k dense convolutions, one per
+    #: group, concatenated. Which is faster depends on the device, dtype, memory format and
+    #: shapes (cuDNN's grouped kernels can be slower than k dense ones), so it is measured:
+    #: see ``parallel.tuning``.
+    FORMULATIONS = ("grouped", "split")
+
     def forward(self, x) -> list[torch.Tensor]:
-        return [F.conv2d(xi, w, b, self.stride, self.padding, 1, k)
+        return [self._conv(xi, w, b, k)
                 for xi, w, b, k in zip(self._inputs(x), self.weights, self.biases, self.slot_conv_groups)]
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+        if k == 1 or self.formulation == "grouped":
+            return F.conv2d(x, w, b, self.stride, self.padding, 1, k)
+        return torch.cat([F.conv2d(xg, wg, bg, self.stride, self.padding)
+                          for xg, wg, bg in zip(x.chunk(k, 1), w.chunk(k, 0), b.chunk(k, 0))], dim=1)
 
 
 class GroupLinear(_GroupSharded):
@@ -134,24 +148,36 @@ class GroupLinear(_GroupSharded):
 
 
 class PerGroup(nn.Module):
-    """Apply a stateless module to each group separately: Y_g = f(X_g).
+    """Apply a parameter-free module to each group separately: Y_g = f(X_g).
 
-    A slot's k groups are folded into the batch dimension, (N, k*C, ...) -> (N*k, C, ...),
-    so channel-mixing modules such as LocalResponseNorm never cross a group boundary,
-    exactly as the reference applies them per group.
+    ``channel_wise=True`` promises that f treats every channel (feature) on its own
+    (ReLU, max-pool, dropout), so it runs on a slot's tensor as it is: no reshape, no copy,
+    and a channels_last activation stays channels_last. Otherwise the module must not mix
+    groups: if it defines ``forward(x, groups=k)`` (``groups_aware = True``, e.g. a
+    group-aware LRN) it is told the slot's group count; any other module gets the slot's k
+    groups folded into the batch dimension, (N, k*C, ...) -> (N*k, C, ...), so channel-
+    mixing modules such as LocalResponseNorm never cross a group boundary, exactly as the
+    reference applies them per group.
     """
 
-    def __init__(self, placement, module: nn.Module):
+    def __init__(self, placement, module: nn.Module, channel_wise: bool = False):
         super().__init__()
         self.placement = placement
         self.module = module
+        self.channel_wise = channel_wise
 
     def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
         for xi, slot in zip(x, self.placement.local_slots):
-            n, k = xi.shape[0], slot.count
-            y = self.module(xi.reshape(n * k, xi.shape[1] // k, *xi.shape[2:]))
-            out.append(y.reshape(n, -1, *y.shape[2:]))
+            k = slot.count
+            if self.channel_wise or k == 1:
+                out.append(self.module(xi))
+            elif getattr(self.module, "groups_aware", False):
+                out.append(self.module(xi, groups=k))
+            else:
+                n = xi.shape[0]
+                y = self.module(xi.reshape(n * k, xi.shape[1] // k, *xi.shape[2:]))
+                out.append(y.reshape(n, -1, *y.shape[2:]))
         return out
 
 

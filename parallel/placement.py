@@ -125,6 +125,10 @@ class LocalPlacement:
     def any_rank(self, flag: bool) -> bool:
         return flag
 
+    def any_rank_async(self, flag: bool):
+        """A vote that is already decided: one process has no one to ask."""
+        return lambda: flag
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
@@ -148,7 +152,10 @@ class LocalPlacement:
         """
         sizes = group_sizes or split_sizes(sum(s.shape[dim] for s in shards), self.groups)
         nbytes = received_bytes(_nbytes(shards), sizes, list(range(self.groups)))
-        return gather_to_devices(shards, [s.device for s in self.slots], dim, self.counter, name, nbytes)
+        # Recorded even with one slot: the groups inside it still "exchange" their maps,
+        # so the counter does not depend on the placement.
+        self.counter.record(name, nbytes, nbytes)
+        return gather_to_devices(shards, [s.device for s in self.slots], dim)
 
     def gather_output(self, shards: list[torch.Tensor], dim: int, name: str,
                       group_sizes: list[int] | None = None) -> torch.Tensor:
@@ -158,7 +165,8 @@ class LocalPlacement:
         """
         sizes = group_sizes or split_sizes(sum(s.shape[dim] for s in shards), self.groups)
         nbytes = received_bytes(_nbytes(shards), sizes, [0])
-        return gather_to_devices(shards, [self.output_device], dim, self.counter, name, nbytes)[0]
+        self.counter.record(name, nbytes, nbytes)
+        return gather_to_devices(shards, [self.output_device], dim)[0]
 
     def assemble_rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Stack every slot's rows (dim 0) in group order into the full tensor, on CPU."""

@@ -1,0 +1,99 @@
+"""Measure, per grouped convolution, which formulation is fastest, and use it.
+
+A slot holding k > 1 groups can compute ``Y = conv(X, W, groups=k)`` as one grouped call
+or as k dense convolutions on the k channel blocks, concatenated (``GroupConv2d.
+FORMULATIONS``); the math is the same. Which is faster depends on the device, dtype,
+memory format and shapes: fewer multiply-accumulates only buy time when the kernel that
+does them is fast. So, before training, one forward pass records each grouped layer's
+input, and every formulation of that layer is timed (forward + backward) on it; the
+fastest wins. Results are cached per (device, dtype, memory format, shapes) in the
+``cache`` dict the caller passes, so a second model with the same shapes costs nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from parallel.layers import GroupConv2d
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_fwd_bwd(layer: GroupConv2d, x: torch.Tensor, w, b, k: int, repeats: int) -> float:
+    """Median seconds of forward + backward of one slot's convolution."""
+    times = []
+    for i in range(repeats + 2):  # the first two calls pick cuDNN algorithms and warm the allocator
+        _sync(x.device)
+        start = time.perf_counter()
+        y = layer._conv(x, w, b, k)
+        y.backward(torch.ones_like(y))
+        _sync(x.device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _key(layer: GroupConv2d, x: torch.Tensor, k: int) -> tuple:
+    fmt = "channels_last" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+    return (str(x.device), str(x.dtype), fmt, tuple(x.shape), k, tuple(layer.weights[0].shape), layer.stride,
+            layer.padding)
+
+
+def choose_conv_formulations(model: torch.nn.Module, run_forward, cache: dict | None = None,
+                             repeats: int = 5) -> list[dict]:
+    """Set ``formulation`` on every GroupConv2d whose slots hold several groups.
+
+    ``run_forward()`` runs the model once on a representative batch, under the autocast
+    and memory format training will use. Returns one record per decided layer:
+    ``{"layer", "choice", "ms": {formulation: milliseconds}, "cached"}``.
+    """
+    cache = {} if cache is None else cache
+    layers = [m for m in model.modules() if isinstance(m, GroupConv2d) and max(m.slot_conv_groups) > 1]
+    if not layers:
+        return []
+    seen: dict[GroupConv2d, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.setdefault(mod, args[0])) for m in layers]
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    records = []
+    for layer in layers:
+        inputs = layer._inputs(seen[layer])
+        # slot 0 stands for all: slots hold equal group counts and equal shapes
+        x = inputs[0].detach().requires_grad_(True)
+        # weights in the activation's dtype: what autocast hands the convolution
+        w = layer.weights[0].detach().clone().to(x.dtype).requires_grad_(True)
+        b = layer.biases[0].detach().clone().to(x.dtype).requires_grad_(True)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            w = w.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+        k = layer.slot_conv_groups[0]
+        key = _key(layer, x, k)
+        cached = key in cache
+        if not cached:
+            cache[key] = {f: 1000 * _time_fwd_bwd(layer, x, w, b, k, repeats) for f in GroupConv2d.FORMULATIONS}
+        ms = cache[key]
+        layer.formulation = min(ms, key=ms.get)
+        records.append({"layer": layer.name, "choice": layer.formulation, "ms": dict(ms), "cached": cached})
+    return records
+
+
+@contextlib.contextmanager
+def formulation(model: torch.nn.Module, name: str):
+    """Temporarily force one formulation on every GroupConv2d (benchmarks, tests)."""
+    layers = [m for m in model.modules() if isinstance(m, GroupConv2d)]
+    before = [m.formulation for m in layers]
+    for m in layers:
+        m.formulation = name
+    try:
+        yield
+    finally:
+        for m, f in zip(layers, before):
+            m.formulation = f

@@ -42,4 +42,4 @@ def data_from_config(cfg: dict, placement):
                                    device=device, **common)
     from data import imagefolder
     return imagefolder.build(d["root"], size=m["input_size"], workers=d["workers"], pca_std=d["pca_std"],
-                             eval_crops=d["eval_crops"], **common)
+                             eval_crops=d["eval_crops"], decode=d["decode"], device=device, **common)

@@ -12,6 +12,7 @@ import os
 import torch
 from torchvision import datasets, transforms
 
+from data import device_decode
 from data.errors import DataError
 from data.sampler import ReplicaBatchSampler
 
@@ -48,6 +49,11 @@ def eval_transform(size: int, crops: int):
     return transforms.Compose([transforms.Resize(256), transforms.CenterCrop(size), norm])
 
 
+def _samples(root: str, split: str) -> list[tuple[str, int]]:
+    """(path, class index) of every image under root/split, as torchvision's ImageFolder lists them."""
+    return datasets.ImageFolder(os.path.join(root, split)).samples
+
+
 class FolderLoader:
     """A DataLoader over this replica's slice of each global batch (see data.sampler)."""
 
@@ -74,13 +80,23 @@ class FolderLoader:
 
 
 def build(root: str | None, batch_size: int, val_batch_size: int, size: int, seed: int, replica: int,
-          num_replicas: int, workers: int = 4, pca_std: float = 0.1, eval_crops: int = 1):
+          num_replicas: int, workers: int = 4, pca_std: float = 0.1, eval_crops: int = 1, decode: str = "cpu",
+          device: torch.device | str = "cpu"):
+    """Train and validation loaders; ``decode`` (cpu | gpu | auto) picks PIL in the workers or
+    decoding and transforms on ``device`` (data.device_decode)."""
     if not root:
         raise DataError("data.dataset=imagefolder needs data.root: a folder with train/<class>/ and val/<class>/")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
             raise DataError(f"{os.path.join(root, split)} does not exist; data.root must hold train/ and val/ "
                             "folders of class sub-folders (the ImageNet layout)")
+    if eval_crops not in (1, 10):
+        raise DataError(f"data.eval_crops must be 1 or 10, got {eval_crops}")
+    if device_decode.wanted(decode, device):
+        kw = dict(size=size, seed=seed, replica=replica, num_replicas=num_replicas, workers=workers, device=device,
+                  pca_std=pca_std, eval_crops=eval_crops)
+        return (device_decode.DeviceDecodeLoader(_samples(root, "train"), batch_size, True, **kw),
+                device_decode.DeviceDecodeLoader(_samples(root, "val"), val_batch_size, False, **kw))
     train_set = datasets.ImageFolder(os.path.join(root, "train"), train_transform(size, pca_std))
     val_set = datasets.ImageFolder(os.path.join(root, "val"), eval_transform(size, eval_crops))
     train = FolderLoader(train_set, batch_size, True, seed, replica, num_replicas, workers)

@@ -66,16 +66,22 @@ def load_and_build(path, overrides):
     return spec_from_config(load(path, overrides))
 
 
-def _cfg(tmp_path, name):
-    return load("configs/smoke.yaml", TINY + [f"run.dir={tmp_path / name}", "model.dropout=0.5"])
+def _cfg(tmp_path, name, device="cpu", *extra):
+    return load("configs/smoke.yaml", TINY + [f"run.dir={tmp_path / name}", "model.dropout=0.5",
+                                              f"parallel.devices=[{device}]", *extra])
 
 
-def test_resumed_run_continues_exactly(tmp_path):
-    """Stop after epoch 1, resume: epoch 2 equals the uninterrupted run's epoch 2."""
-    fit(_cfg(tmp_path, "straight"), quiet=True)
-    fit(_cfg(tmp_path, "stopped"), stop_after_epoch=1, quiet=True)
+DEVICES = [("cpu", ())] + ([("cuda:0", ("run.deterministic=true",))] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device, extra", DEVICES)
+def test_resumed_run_continues_exactly(tmp_path, device, extra):
+    """Stop after epoch 1, resume: epoch 2 equals the uninterrupted run's epoch 2 (bitwise on CUDA when
+    run.deterministic is set)."""
+    fit(_cfg(tmp_path, "straight", device, *extra), quiet=True)
+    fit(_cfg(tmp_path, "stopped", device, *extra), stop_after_epoch=1, quiet=True)
     assert not (tmp_path / "stopped" / "summary.json").exists()
-    fit(_cfg(tmp_path, "stopped"), resume="latest", quiet=True)
+    fit(_cfg(tmp_path, "stopped", device, *extra), resume="latest", quiet=True)
     a = [json.loads(x) for x in open(tmp_path / "straight" / "metrics.jsonl")]
     b = [json.loads(x) for x in open(tmp_path / "stopped" / "metrics.jsonl")]
     assert [m["epoch"] for m in b] == [1, 2]

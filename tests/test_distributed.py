@@ -70,7 +70,8 @@ def test_distributed_matches_local_and_reference(tmp_path, world, groups):
 
 # --- torchrun end to end: train.py under one process per group, pre-emption and restarts ---
 
-TORCHRUN_SETTINGS = ["model.conv_channels=[12,24,36,36,24]", "model.fc_widths=[48,48]", "model.dropout=0.5",
+# gloo on CPU: these test the CPU path, also on a machine with fewer GPUs than ranks
+TORCHRUN_SETTINGS = ["parallel.backend=gloo", "model.conv_channels=[12,24,36,36,24]", "model.fc_widths=[48,48]", "model.dropout=0.5",
                      "data.fake_train_samples=3072", "data.batch_size=32", "train.epochs=3", "train.log_every=8"]
 
 

@@ -106,21 +106,36 @@ def test_per_group_lrn_never_crosses_groups(G, devices):
     assert_close(y, expected)
 
 
-def test_fast_lrn_equals_torch():
+@pytest.mark.parametrize("groups", [1, 3])
+def test_fast_lrn_equals_torch_per_group(groups):
     from alexnet.lrn import FastLRN
-    x = torch.randn(3, 17, 5, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 6 * groups, 5, 5, dtype=torch.float64, requires_grad=True)
     ours, theirs = FastLRN(5, 5e-4, 0.75, 2.0), nn.LocalResponseNorm(5, 5e-4, 0.75, 2.0)
-    torch.testing.assert_close(ours(x), theirs(x))
-    g1, = torch.autograd.grad(ours(x).sum(), x)
-    g2, = torch.autograd.grad(theirs(x).sum(), x)
+    expected = torch.cat([theirs(c) for c in x.chunk(groups, 1)], 1)
+    torch.testing.assert_close(ours(x, groups=groups), expected)
+    g1, = torch.autograd.grad(ours(x, groups=groups).square().sum(), x)
+    g2, = torch.autograd.grad(expected.square().sum(), x)
     torch.testing.assert_close(g1, g2)
+
+
+def test_fast_lrn_keeps_bf16_and_channels_last():
+    from alexnet.lrn import FastLRN
+    x = (torch.randn(2, 16, 6, 6) * 10).contiguous(memory_format=torch.channels_last)
+    lrn = FastLRN(5, 5e-4, 0.75, 2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lrn(x.bfloat16(), groups=2)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), lrn(x, groups=2), rtol=1.6e-2, atol=1e-2)  # bf16: 8 bits of mantissa
 
 
 def test_placement_deals_contiguous_blocks_and_rejects_bad_layouts():
     pl = LocalPlacement(4, ["cpu", "cpu"])
     assert [list(s.groups) for s in pl.slots] == [[0, 1], [2, 3]]
     assert [s.device.type for s in pl.slots] == ["cpu", "cpu"]
-    assert LocalPlacement(3, ["auto"]).slots[0].count == (3 if not torch.cuda.is_available() else 1)
+    # auto: one slot per visible GPU, as many as divide G (1 GPU, or 2 for G = 3: one slot of 3 groups)
+    gpus = torch.cuda.device_count()
+    expected_slots = 1 if gpus < 3 else 3
+    assert [s.count for s in LocalPlacement(3, ["auto"]).slots] == [3 // expected_slots] * expected_slots
     with pytest.raises(PlacementError, match="only 2 groups"):
         LocalPlacement(2, ["cpu"] * 3)
     with pytest.raises(PlacementError, match="evenly"):

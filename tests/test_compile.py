@@ -1,0 +1,46 @@
+"""train.compile: the local placement's model compiles into one graph, equals eager, and does not recompile."""
+import torch
+import torch._dynamo as dynamo
+
+from alexnet.init import init_reference_state
+from alexnet.model import GroupAlexNet
+from conftest import assert_close, tiny_spec
+from parallel import LocalPlacement
+
+
+def _model(G, devices):
+    spec = tiny_spec(G)
+    model = GroupAlexNet(spec, LocalPlacement(G, devices))
+    model.load_reference(init_reference_state(spec, 0))
+    return model
+
+
+def test_no_graph_breaks_on_one_and_several_slots():
+    for G, devices in ((1, ["cpu"]), (2, ["cpu"]), (4, ["cpu", "cpu"])):
+        dynamo.reset()
+        explained = dynamo.explain(_model(G, devices))(torch.randn(3, 1, 32, 32))
+        assert explained.graph_break_count == 0, (G, devices, explained.break_reasons)
+        assert explained.graph_count == 1
+
+
+def test_compiled_equals_eager_forward_backward_and_counts_bytes_without_recompiling():
+    dynamo.reset()
+    model = _model(2, ["cpu"])
+    compiled = torch.compile(model)
+    x = torch.randn(4, 1, 32, 32)
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    expected = model(x)
+    expected.square().sum().backward()
+    assert_close(y, expected)
+    for got, p in zip(grads, model.parameters()):
+        assert_close(got, p.grad)
+    eager_bytes = model.placement.counter.snapshot()
+    # later steps run the same graph: no recompilation, and the byte counter is still recorded
+    with dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            model.placement.counter.reset()
+            compiled(x).sum().backward()
+            assert model.placement.counter.snapshot() == eager_bytes

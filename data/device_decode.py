@@ -28,6 +28,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
+from data.prefetch import in_background
 from data.sampler import ReplicaBatchSampler, epoch_generator
 
 EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
@@ -224,6 +225,9 @@ class DeviceDecodeLoader:
         return len(self.sampler)
 
     def __iter__(self):
+        return in_background(self._batches, self.device)
+
+    def _batches(self):
         for i, items in enumerate(self.loader, start=self.sampler.skip):
             images, keep = decode_batch(items, self.device)
             labels = torch.tensor([items[j][2] for j in keep])

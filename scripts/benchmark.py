@@ -1,22 +1,29 @@
 """Training throughput (forward + backward + SGD step) measured side by side in one process.
 
-For G = 1..4 and two geometries (the paper's 227x227 AlexNet and the Fashion-MNIST one)
-it times, on the same batch:
-  ours        GroupAlexNet, local placement, all groups in one slot (as shipped: FastLRN)
-  ours/tLRN   the same with torch's nn.LocalResponseNorm: isolates framework overhead
-  reference   plain torch, nn.Conv2d(groups=G), torch's LRN
-  torchvision torchvision.models.alexnet (64/192/384/256/256, no groups/LRN; paper geometry only:
-              its 11x11/4 conv1 and three pools do not fit a 32x32 image)
+Model only: for G = 1..4 and two geometries (the paper's 227x227 AlexNet and the
+Fashion-MNIST one) it times, on the same batch:
+  ours          GroupAlexNet, local placement, all groups in one slot, as train.py runs it
+                (group-aware LRN; on CUDA each grouped conv's formulation timed and chosen)
+  ours/tLRN     the same with torch's nn.LocalResponseNorm: isolates framework overhead
+  reference     plain torch, nn.Conv2d(groups=G), torch's LRN
+  torchvision   torchvision.models.alexnet (64/192/384/256/256, no groups/LRN; paper geometry only)
+  ours+compile, reference+compile   with --compile: both under torch.compile
 Rounds alternate the models so drift hits all of them alike; the median round counts.
-Prints a table of images/s with ratios to the reference and writes JSON.
+--precision bf16 runs under autocast, --channels-last uses NHWC for every model.
+
+--e2e fake|fashion_mnist|jpeg runs train.py's own loop (alexnet.fit) over fake data, Fashion-MNIST,
+or a generated JPEG tree (500x375, ~55 KB, written by parallel processes; decoded on the GPU
+when training there) and prints end-to-end images/s beside model-only images/s for the same
+settings, and their ratio.
 
 --distributed adds the one-process-per-group placement: for world sizes 1, 2, 4 (G = world,
 one group per process; gloo on CPU, NCCL on GPUs when there are enough) it times training
-steps and the wall time spent inside the collectives, beside the one-process placement
-with the same G on one device.
+steps and the wall time spent inside the collectives.
 
   python scripts/benchmark.py                       # CPU (or CUDA when present)
   python scripts/benchmark.py --device cpu --geometry fashion_mnist --rounds 5
+  python scripts/benchmark.py --geometry paper --groups 1 2 4 --precision bf16 --channels-last --compile --batch 256
+  python scripts/benchmark.py --e2e fake jpeg --groups 2 --precision bf16 --channels-last --compile --batch 256
 """
 from __future__ import annotations
 
@@ -35,22 +42,63 @@ from torch import nn  # noqa: E402
 
 from alexnet.build import spec_from_config  # noqa: E402
 from alexnet.config import load  # noqa: E402
+from alexnet.engine import autocast  # noqa: E402
 from alexnet.model import GroupAlexNet  # noqa: E402
 from alexnet.reference import ReferenceAlexNet  # noqa: E402
 from parallel import LocalPlacement  # noqa: E402
+from parallel.tuning import choose_conv_formulations  # noqa: E402
 
 GEOMETRIES = {"paper": "configs/imagenet/g{G}.yaml", "fashion_mnist": "configs/fashion_mnist/g{G}.yaml"}
 
 
-def make_models(spec, device):
-    models = {"ours": GroupAlexNet(spec, LocalPlacement(spec.groups, [str(device)])),
-              "ours/tLRN": GroupAlexNet(spec, LocalPlacement(spec.groups, [str(device)]),
-                                        lrn_module=nn.LocalResponseNorm),
-              "reference": ReferenceAlexNet(spec).to(device)}
+class Setting:
+    """How every model of one comparison runs: device, precision, memory format."""
+
+    def __init__(self, device: torch.device, precision: str = "fp32", channels_last: bool = False):
+        self.device, self.precision, self.channels_last = device, precision, channels_last
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def batch(self, spec, n: int):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(n, spec.in_channels, spec.input_size, spec.input_size, generator=gen).to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, torch.randint(0, spec.num_classes, (n,), generator=gen).to(self.device)
+
+
+def tune(model: GroupAlexNet, setting: Setting, x) -> list[dict]:
+    """On CUDA, pick each grouped conv's formulation as train.py does (conv_formulation: auto)."""
+    if setting.device.type != "cuda":
+        return []
+
+    def forward_once():
+        with autocast(setting.precision, setting.device):
+            model(x)
+    return choose_conv_formulations(model, forward_once)
+
+
+def make_models(spec, setting: Setting, compile_too: bool, x) -> tuple[dict, list[dict]]:
+    slot = [str(setting.device)]
+    ours = setting.prepare(GroupAlexNet(spec, LocalPlacement(spec.groups, slot)))
+    choices = tune(ours, setting, x)
+    models = {"ours": ours,
+              "ours/tLRN": setting.prepare(GroupAlexNet(spec, LocalPlacement(spec.groups, slot),
+                                                        lrn_module=nn.LocalResponseNorm)),
+              "reference": setting.prepare(ReferenceAlexNet(spec))}
+    for m in ("ours/tLRN",):
+        for layer, chosen in zip(models[m].modules(), ours.modules()):
+            if hasattr(layer, "formulation"):
+                layer.formulation = chosen.formulation
     if spec.input_size >= 63 and spec.in_channels == 3:
         from torchvision.models import alexnet
-        models["torchvision"] = alexnet(num_classes=spec.num_classes).to(device)
-    return models
+        models["torchvision"] = setting.prepare(alexnet(num_classes=spec.num_classes))
+    if compile_too:
+        models["ours+compile"] = torch.compile(ours)
+        models["reference+compile"] = torch.compile(setting.prepare(ReferenceAlexNet(spec)))
+    return models, choices
 
 
 def sync(device):
@@ -58,53 +106,65 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, x, y, steps, device) -> float:
+def make_optimizer(model, device):
+    fused = True if device.type == "cuda" else None
+    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, fused=fused)
+
+
+def time_steps(model, x, y, steps, setting: Setting, opt=None) -> float:
     """Seconds per step of forward + backward + SGD step."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    sync(device)
+    opt = opt or make_optimizer(model, setting.device)
+    sync(setting.device)
     start = time.perf_counter()
     for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
+        with autocast(setting.precision, setting.device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    sync(device)
+    sync(setting.device)
     return (time.perf_counter() - start) / steps
 
 
-def peak_memory(model, x, y, device):
-    if device.type != "cuda":
+def peak_memory(model, x, y, setting: Setting):
+    if setting.device.type != "cuda":
         return None
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    time_steps(model, x, y, 1, device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(setting.device)
+    time_steps(model, x, y, 1, setting)
+    return torch.cuda.max_memory_allocated(setting.device) / 2**20
 
 
-def bench(geometry: str, G: int, device, batch: int, steps: int, rounds: int) -> dict:
+def bench(geometry: str, G: int, setting: Setting, batch: int, steps: int, rounds: int,
+          compile_too: bool = False) -> dict:
     spec = spec_from_config(load(GEOMETRIES[geometry].format(G=G), ["model.dropout=0.0"]))
-    models = make_models(spec, device)
-    x = torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, device=device)
-    y = torch.randint(0, spec.num_classes, (batch,), device=device)
-    for m in models.values():  # warm-up: allocator, kernel selection
-        time_steps(m, x, y, 2, device)
+    x, y = setting.batch(spec, batch)
+    models, choices = make_models(spec, setting, compile_too, x)
+    optimizers = {name: make_optimizer(m, setting.device) for name, m in models.items()}
+    for name, m in models.items():  # warm-up: allocator, kernel selection, compilation
+        time_steps(m, x, y, 3, setting, optimizers[name])
     per_round = {name: [] for name in models}
     for _ in range(rounds):
         for name, m in models.items():
-            per_round[name].append(time_steps(m, x, y, steps, device))
+            per_round[name].append(time_steps(m, x, y, steps, setting, optimizers[name]))
     out = {}
     for name, m in models.items():
         sec = statistics.median(per_round[name])
-        out[name] = {"images_per_s": batch / sec, "step_ms": 1000 * sec, "peak_mib": peak_memory(m, x, y, device)}
+        out[name] = {"images_per_s": batch / sec, "step_ms": 1000 * sec,
+                     "peak_mib": peak_memory(m, x, y, setting)}
     ref = out["reference"]["images_per_s"]
     for r in out.values():
         r["ratio_to_reference"] = r["images_per_s"] / ref
-    return {"geometry": geometry, "groups": G, "batch": batch, "device": str(device), "macs": spec.macs(),
-            "models": out}
+    return {"geometry": geometry, "groups": G, "batch": batch, "device": str(setting.device), "macs": spec.macs(),
+            "precision": setting.precision, "channels_last": setting.channels_last,
+            "conv_formulations": {c["layer"]: c["choice"] for c in choices}, "models": out}
 
 
 def print_table(results: list[dict]) -> None:
     names = ["ours", "ours/tLRN", "reference", "torchvision"]
+    if any("ours+compile" in r["models"] for r in results):
+        names += ["ours+compile", "reference+compile"]
     head = f"{'geometry':<14}{'G':>2}{'batch':>6}" + "".join(f"{n:>22}" for n in names)
     print(head)
     print("-" * len(head))
@@ -118,7 +178,14 @@ def print_table(results: list[dict]) -> None:
             mem = f" {m['peak_mib']:.0f}MiB" if m["peak_mib"] is not None else ""
             cells.append(f"{m['images_per_s']:>10.1f} ({m['ratio_to_reference']:.2f}x){mem}".rjust(22))
         print(f"{r['geometry']:<14}{r['groups']:>2}{r['batch']:>6}" + "".join(cells))
-    print("images/s (ratio to the reference at the same G); peak GPU memory where on CUDA")
+    print("images/s (ratio to the eager reference at the same G); peak GPU memory where on CUDA")
+    for r in results:
+        if "ours+compile" in r["models"]:
+            m = r["models"]
+            print(f"  G={r['groups']} {r['geometry']}: ours+compile / reference+compile = "
+                  f"{m['ours+compile']['images_per_s'] / m['reference+compile']['images_per_s']:.2f}x")
+        if r["conv_formulations"]:
+            print(f"  G={r['groups']} {r['geometry']}: conv formulations chosen: {r['conv_formulations']}")
 
 
 def _dist_worker(rank: int, world: int, port: int, geometry: str, batch: int, steps: int, backend: str, out: str):
@@ -130,17 +197,16 @@ def _dist_worker(rank: int, world: int, port: int, geometry: str, batch: int, st
     spec = spec_from_config(load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"]))
     placement = DistributedPlacement.from_env(world, backend, counter=CommCounter(timed=True))
     model = GroupAlexNet(spec, placement)
-    device = placement.device
-    x = torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, device=device)
-    y = torch.randint(0, spec.num_classes, (batch,), device=device)
-    time_steps(model, x, y, 2, device)
+    setting = Setting(placement.device)
+    x, y = setting.batch(spec, batch)
+    time_steps(model, x, y, 2, setting)
     placement.counter.reset()
-    sec = time_steps(model, x, y, steps, device)
+    sec = time_steps(model, x, y, steps, setting)
     comm = placement.counter.seconds / steps
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"images_per_s": batch / sec, "step_ms": 1000 * sec, "comm_ms": 1000 * comm,
-                       "mb_per_step": placement.counter.total() / steps / 1e6}, f)
+                       "mb_per_step": placement.counter.total() / 1e6}, f)
     dist.destroy_process_group()
 
 
@@ -163,7 +229,7 @@ def bench_distributed(geometry: str, device, batch: int, steps: int) -> list[dic
                  nprocs=world, join=True)
         with open(out) as f:
             r = json.load(f)
-        local = bench(geometry, world, device, batch, steps, 1)["models"]["ours"]["images_per_s"]
+        local = bench(geometry, world, Setting(device), batch, steps, 1)["models"]["ours"]["images_per_s"]
         r.update(geometry=geometry, world=world, groups=world, batch=batch, local_images_per_s=local)
         results.append(r)
         print(f"  distributed {geometry} world={world}: {r['images_per_s']:.1f} img/s "
@@ -172,15 +238,96 @@ def bench_distributed(geometry: str, device, batch: int, steps: int) -> list[dic
     return results
 
 
+E2E_SOURCES = ("fake", "fashion_mnist", "jpeg")
+
+
+def e2e_config(source: str, G: int, setting: Setting, batch: int, compile_: bool, run_dir: str,
+               jpeg_root: str | None, workers: int, fake_samples: int) -> dict:
+    """train.py's config for an end-to-end timing run of ``source`` (paper geometry except Fashion-MNIST)."""
+    common = [f"data.batch_size={batch}", f"train.precision={setting.precision}",
+              f"train.channels_last={str(setting.channels_last).lower()}", f"train.compile={str(compile_).lower()}",
+              f"parallel.devices=[{setting.device}]", "parallel.placement=local", "train.filter_images_every=0",
+              "train.log_every=1000000", "optim.schedule=constant", f"run.dir={run_dir}"]
+    if source == "fashion_mnist":
+        return load(GEOMETRIES["fashion_mnist"].format(G=G), common + ["train.epochs=2"])
+    if source == "fake":
+        return load(GEOMETRIES["paper"].format(G=G), common + [
+            "data.dataset=fake", f"data.fake_train_samples={fake_samples}", f"data.fake_val_samples={batch}",
+            "train.epochs=3"])
+    return load(GEOMETRIES["paper"].format(G=G), common + [
+        "data.dataset=imagefolder", f"data.root={jpeg_root}", f"data.workers={workers}", "data.decode=auto",
+        "train.epochs=3"])
+
+
+def model_only_like(cfg: dict, steps: int, rounds: int) -> float:
+    """Images/s of train.py's own model and settings (incl. compile) on one fixed batch: no loader."""
+    from alexnet import accel
+    from alexnet.fit import build_run
+    spec, placement, model, optimizer = build_run(cfg)
+    setting = Setting(placement.input_device, cfg["train"]["precision"],
+                      accel.on_cuda(placement) and cfg["train"]["channels_last"])
+    x, y = setting.batch(spec, cfg["data"]["batch_size"])
+    runner = accel.prepare(model, cfg, placement, tuple(x.shape), say=lambda *a: None)
+    time_steps(runner, x, y, 3, setting, optimizer)
+    sec = statistics.median(time_steps(runner, x, y, steps, setting, optimizer) for _ in range(rounds))
+    return cfg["data"]["batch_size"] / sec
+
+
+def bench_e2e(source: str, G: int, setting: Setting, batch: int, compile_: bool, steps: int, rounds: int,
+              jpeg_root: str | None, workers: int, fake_samples: int) -> dict:
+    import tempfile
+
+    from alexnet.fit import fit
+    run_dir = tempfile.mkdtemp(prefix=f"e2e-{source}-")
+    cfg = e2e_config(source, G, setting, batch, compile_, run_dir, jpeg_root, workers, fake_samples)
+    start = time.perf_counter()
+    fit(cfg, quiet=True)
+    wall = time.perf_counter() - start
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        epochs = [json.loads(line) for line in f]
+    later = epochs[1:] or epochs  # the first epoch pays for compilation and warm-up
+    e2e = statistics.mean(e["images_per_s"] for e in later)
+    model = model_only_like(cfg, steps, rounds)
+    r = {"source": source, "groups": G, "batch": batch, "device": str(setting.device), "precision": setting.precision,
+         "channels_last": setting.channels_last, "compile": compile_, "epochs_timed": len(later),
+         "e2e_images_per_s": e2e, "model_only_images_per_s": model, "ratio": e2e / model, "wall_s": wall,
+         "dataset": cfg["data"]["dataset"], "decode": cfg["data"]["decode"], "workers": cfg["data"]["workers"]}
+    print(f"  e2e {source} G={G}: {e2e:.0f} img/s end to end, {model:.0f} model only ({e2e / model:.2f}x)",
+          flush=True)
+    return r
+
+
+def print_e2e(rows: list[dict]) -> None:
+    head = f"{'source':<15}{'G':>2}{'batch':>6}{'end-to-end':>12}{'model only':>12}{'ratio':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['source']:<15}{r['groups']:>2}{r['batch']:>6}{r['e2e_images_per_s']:>12.0f}"
+              f"{r['model_only_images_per_s']:>12.0f}{r['ratio']:>7.2f}")
+    print("images/s of train.py's loop (epochs after the first) and of the same model and settings on one fixed batch")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--geometry", nargs="+", default=list(GEOMETRIES), choices=list(GEOMETRIES))
+    p.add_argument("--geometry", nargs="+", default=None, choices=list(GEOMETRIES),
+                   help="model-only geometries (default: both, or none with --e2e)")
     p.add_argument("--groups", nargs="+", type=int, default=[1, 2, 3, 4])
     p.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA; 16 (paper) / 128 (fashion) on CPU")
     p.add_argument("--steps", type=int, default=None, help="steps per round (default 3 on CPU, 20 on CUDA)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--channels-last", action="store_true", help="NHWC activations and weights for every model")
+    p.add_argument("--compile", action="store_true", help="also time ours and the reference under torch.compile")
+    p.add_argument("--e2e", nargs="+", default=[], choices=E2E_SOURCES,
+                   help="also time train.py's loop end to end on these sources (and skip the model-only table "
+                        "unless --geometry is given)")
+    p.add_argument("--jpeg-root", default=None, help="--e2e jpeg: an existing tree (default: generate one)")
+    p.add_argument("--jpeg-files", type=int, default=8192, help="--e2e jpeg: training files to generate")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                   help="--e2e jpeg: loader processes")
+    p.add_argument("--fake-samples", type=int, default=None, help="--e2e fake: training samples (default 16 batches)")
     p.add_argument("--distributed", action="store_true", help="also time one process per group (torch.distributed)")
     p.add_argument("--out", default="runs/benchmark/benchmark.json")
     args = p.parse_args(argv)
@@ -188,18 +335,39 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    setting = Setting(device, args.precision, args.channels_last)
+    geometries = args.geometry if args.geometry is not None else ([] if args.e2e else list(GEOMETRIES))
     results = []
-    for geometry in args.geometry:
+    for geometry in geometries:
         batch = args.batch or (128 if cuda or geometry == "fashion_mnist" else 16)
         for G in args.groups:
-            r = bench(geometry, G, device, batch, args.steps or (20 if cuda else 3), args.rounds)
+            r = bench(geometry, G, setting, batch, args.steps or (20 if cuda else 3), args.rounds, args.compile)
             results.append(r)
             print(f"  {geometry} G={G}: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s"
                                                       for k, v in r["models"].items()), flush=True)
-    print_table(results)
+    if results:
+        print_table(results)
+    e2e_rows = []
+    jpeg_info = None
+    if "jpeg" in args.e2e and not args.jpeg_root:
+        import tempfile
+
+        from scripts.make_jpeg_tree import make_tree
+        args.jpeg_root = tempfile.mkdtemp(prefix="jpeg-tree-")
+        start = time.perf_counter()
+        jpeg_info = make_tree(args.jpeg_root, args.jpeg_files, 512, 10)
+        print(f"  generated {args.jpeg_files} JPEGs ({jpeg_info['mean_bytes'] / 1e3:.1f} KB on average) in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    for source in args.e2e:
+        batch = args.batch or (128 if cuda or source == "fashion_mnist" else 16)
+        for G in args.groups:
+            e2e_rows.append(bench_e2e(source, G, setting, batch, args.compile, args.steps or (20 if cuda else 3),
+                                      args.rounds, args.jpeg_root, args.workers, args.fake_samples or 16 * batch))
+    if e2e_rows:
+        print_e2e(e2e_rows)
     distributed = []
     if args.distributed:
-        for geometry in args.geometry:
+        for geometry in geometries:
             batch = args.batch or (128 if cuda or geometry == "fashion_mnist" else 16)
             distributed += bench_distributed(geometry, device, batch, args.steps or (20 if cuda else 3))
         print(f"{'geometry':<14}{'procs':>6}{'img/s':>10}{'1-proc img/s':>14}{'comm ms/step':>14}{'step ms':>10}"
@@ -209,7 +377,9 @@ def main(argv=None) -> int:
                   f"{r['comm_ms']:>14.1f}{r['step_ms']:>10.1f}{r['mb_per_step']:>9.2f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results,
+        gpu = torch.cuda.get_device_name(device) if cuda else None
+        json.dump({"torch": torch.__version__, "device_name": gpu, "threads": torch.get_num_threads(),
+                   "cpus": os.cpu_count(), "results": results, "e2e": e2e_rows, "jpeg_tree": jpeg_info,
                    "distributed": distributed}, f, indent=2)
     print(f"wrote {args.out}")
     return 0

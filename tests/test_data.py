@@ -99,3 +99,47 @@ def test_imagefolder_paper_transforms_on_a_tiny_jpeg_tree(tmp_path):
     img = torch.zeros(3, 4, 4)
     shifted = light(img)
     assert shifted.std(dim=(1, 2)).max() == 0 and shifted.abs().max() > 0  # one colour shift per image
+
+
+def _per_sample_augment(loader, x_uint8, draws):
+    """The training transform written one image at a time: centre-pad to size, pad by p, crop, flip."""
+    p, size = loader.crop_padding, loader.size
+    out = []
+    for img, (top, left, flip) in zip(x_uint8.float() / 255.0, draws.t().tolist()):
+        lo = (size - img.shape[-1]) // 2
+        hi = size - img.shape[-1] - lo
+        padded = torch.nn.functional.pad(img, (lo + p, hi + p, lo + p, hi + p))
+        crop = padded[:, top:top + size, left:left + size]
+        out.append(crop.flip(-1) if flip else crop)
+    return (torch.stack(out) - loader.mean) / loader.std
+
+
+def test_batched_augmentation_equals_the_per_sample_transform(tmp_path):
+    tiny_fashion(tmp_path)
+    train, _ = build(str(tmp_path), batch_size=16, val_batch_size=8, size=32, seed=3, replica=1, num_replicas=2,
+                     crop_padding=2, download=False)
+    train.set_epoch(2, skip=1)
+    order = train.sampler.epoch_order()
+    draws = train._epoch_draws(range(1, len(train)))
+    offset = 0
+    for i, (x, y) in enumerate(train, start=1):
+        start, end = train.sampler.batch_positions(i)
+        idx = order[start:end]
+        expected = _per_sample_augment(train, train.images[idx].cpu(), draws[:, offset:offset + len(idx)])
+        offset += len(idx)
+        assert torch.equal(y, train.labels[idx]) and x.shape == (len(idx), 1, 32, 32)
+        torch.testing.assert_close(x, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_resident_loader_equals_cpu_loader(tmp_path):
+    tiny_fashion(tmp_path)
+    kw = dict(batch_size=16, val_batch_size=8, size=32, seed=3, replica=0, num_replicas=1, download=False)
+    cpu_train, cpu_val = build(str(tmp_path), **kw)
+    gpu_train, gpu_val = build(str(tmp_path), device="cuda", **kw)
+    for a, b in (cpu_train, gpu_train), (cpu_val, gpu_val):
+        a.set_epoch(1, skip=1)
+        b.set_epoch(1, skip=1)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert xb.is_cuda and torch.equal(ya, yb.cpu())
+            torch.testing.assert_close(xa, xb.cpu(), rtol=0, atol=1e-6)

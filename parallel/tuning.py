@@ -56,8 +56,12 @@ def choose_conv_formulations(model: torch.nn.Module, run_forward, cache: dict | 
     layers = [m for m in model.modules() if isinstance(m, GroupConv2d) and max(m.slot_conv_groups) > 1]
     if not layers:
         return []
-    seen: dict[GroupConv2d, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out: seen.setdefault(mod, args[0])) for m in layers]
+    seen: dict[GroupConv2d, list[torch.Tensor]] = {}
+
+    def remember_input(module, args, output) -> None:  # a hook that returned a value would replace the output
+        seen.setdefault(module, args[0])
+
+    hooks = [m.register_forward_hook(remember_input) for m in layers]
     try:
         with torch.no_grad():
             run_forward()
@@ -78,7 +82,11 @@ def choose_conv_formulations(model: torch.nn.Module, run_forward, cache: dict | 
         key = _key(layer, x, k)
         cached = key in cache
         if not cached:
-            cache[key] = {f: 1000 * _time_fwd_bwd(layer, x, w, b, k, repeats) for f in GroupConv2d.FORMULATIONS}
+            ms = {}
+            for f in GroupConv2d.FORMULATIONS:
+                layer.formulation = f
+                ms[f] = 1000 * _time_fwd_bwd(layer, x, w, b, k, repeats)
+            cache[key] = ms
         ms = cache[key]
         layer.formulation = min(ms, key=ms.get)
         records.append({"layer": layer.name, "choice": layer.formulation, "ms": dict(ms), "cached": cached})

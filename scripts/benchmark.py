@@ -242,14 +242,14 @@ E2E_SOURCES = ("fake", "fashion_mnist", "jpeg")
 
 
 def e2e_config(source: str, G: int, setting: Setting, batch: int, compile_: bool, run_dir: str,
-               jpeg_root: str | None, workers: int, fake_samples: int) -> dict:
+               jpeg_root: str | None, workers: int, fake_samples: int, fashion_limit: int = 0) -> dict:
     """train.py's config for an end-to-end timing run of ``source`` (paper geometry except Fashion-MNIST)."""
     common = [f"data.batch_size={batch}", f"train.precision={setting.precision}",
               f"train.channels_last={str(setting.channels_last).lower()}", f"train.compile={str(compile_).lower()}",
               f"parallel.devices=[{setting.device}]", "parallel.placement=local", "train.filter_images_every=0",
               "train.log_every=1000000", "optim.schedule=constant", f"run.dir={run_dir}"]
     if source == "fashion_mnist":
-        return load(GEOMETRIES["fashion_mnist"].format(G=G), common + ["train.epochs=2"])
+        return load(GEOMETRIES["fashion_mnist"].format(G=G), common + ["train.epochs=2", f"data.limit={fashion_limit}"])
     if source == "fake":
         return load(GEOMETRIES["paper"].format(G=G), common + [
             "data.dataset=fake", f"data.fake_train_samples={fake_samples}", f"data.fake_val_samples={batch}",
@@ -274,12 +274,12 @@ def model_only_like(cfg: dict, steps: int, rounds: int) -> float:
 
 
 def bench_e2e(source: str, G: int, setting: Setting, batch: int, compile_: bool, steps: int, rounds: int,
-              jpeg_root: str | None, workers: int, fake_samples: int) -> dict:
+              jpeg_root: str | None, workers: int, fake_samples: int, fashion_limit: int = 0) -> dict:
     import tempfile
 
     from alexnet.fit import fit
     run_dir = tempfile.mkdtemp(prefix=f"e2e-{source}-")
-    cfg = e2e_config(source, G, setting, batch, compile_, run_dir, jpeg_root, workers, fake_samples)
+    cfg = e2e_config(source, G, setting, batch, compile_, run_dir, jpeg_root, workers, fake_samples, fashion_limit)
     start = time.perf_counter()
     fit(cfg, quiet=True)
     wall = time.perf_counter() - start
@@ -327,6 +327,7 @@ def main(argv=None) -> int:
     p.add_argument("--jpeg-files", type=int, default=8192, help="--e2e jpeg: training files to generate")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                    help="--e2e jpeg: loader processes")
+    p.add_argument("--fashion-limit", type=int, default=0, help="--e2e fashion_mnist: data.limit (0: all 60k)")
     p.add_argument("--fake-samples", type=int, default=None, help="--e2e fake: training samples (default 16 batches)")
     p.add_argument("--distributed", action="store_true", help="also time one process per group (torch.distributed)")
     p.add_argument("--out", default="runs/benchmark/benchmark.json")
@@ -362,7 +363,8 @@ def main(argv=None) -> int:
         batch = args.batch or (128 if cuda or source == "fashion_mnist" else 16)
         for G in args.groups:
             e2e_rows.append(bench_e2e(source, G, setting, batch, args.compile, args.steps or (20 if cuda else 3),
-                                      args.rounds, args.jpeg_root, args.workers, args.fake_samples or 16 * batch))
+                                      args.rounds, args.jpeg_root, args.workers, args.fake_samples or 16 * batch,
+                                      args.fashion_limit))
     if e2e_rows:
         print_e2e(e2e_rows)
     distributed = []

@@ -155,3 +155,35 @@ def test_gather_counts_bytes_both_directions():
     assert counter.snapshot() == {"x/fwd": 96, "x/bwd": 96}
     # two consumers each used the gathered input once: gradient 2 on every element
     assert torch.equal(xs[0].grad, torch.full((4, 3), 2.0))
+
+
+def test_split_formulation_equals_grouped_conv_forward_and_backward():
+    pl = LocalPlacement(4, ["cpu", "cpu"])
+    layer = GroupConv2d(pl, 8, 12, 3, padding=1, input_mode="own")
+    ref = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+    with torch.no_grad():
+        ref.weight.copy_(torch.cat(list(layer.weights)))
+        ref.bias.copy_(torch.cat(list(layer.biases)))
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    layer.formulation = "split"
+    y = torch.cat(layer(shard(x, pl)), 1)
+    assert_close(y, ref(x))
+    g, = torch.autograd.grad(y.square().sum(), x)
+    g_ref, = torch.autograd.grad(ref(x).square().sum(), x)
+    assert_close(g, g_ref)
+
+
+def test_conv_formulation_tuner_decides_each_grouped_layer_and_caches():
+    from parallel.tuning import choose_conv_formulations
+    pl = LocalPlacement(4, ["cpu"])
+    net = nn.Sequential(GroupConv2d(pl, 3, 8, 3, input_mode="replicated", name="a"),
+                        GroupConv2d(pl, 8, 8, 3, input_mode="own", name="b"))
+    x = torch.randn(2, 3, 9, 9)
+    expected = net(x)
+    cache = {}
+    records = choose_conv_formulations(net, lambda: net(x), cache, repeats=1)
+    assert [r["layer"] for r in records] == ["b"]  # the replicated layer has one dense conv per slot: nothing to choose
+    assert records[0]["choice"] in ("grouped", "split") and set(records[0]["ms"]) == {"grouped", "split"}
+    assert net[1].formulation == records[0]["choice"] and not records[0]["cached"]
+    assert choose_conv_formulations(net, lambda: net(x), cache)[0]["cached"]
+    assert_close(net(x)[0], expected[0])

@@ -16,13 +16,13 @@ step() {  # step NAME SECONDS COMMAND...
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/env.log"
 # model only, paper geometry: G = 1, 2, 4 in bf16, NHWC, batch 256, eager and compiled, beside the reference
-step model_paper 230 $PY scripts/benchmark.py --geometry paper --groups 1 2 4 --precision bf16 --channels-last \
+step model_paper 200 $PY scripts/benchmark.py --geometry paper --groups 1 2 4 --precision bf16 --channels-last \
   --compile --batch 256 --steps 20 --rounds 3 --out "$OUT/model_paper.json"
 # model only, Fashion-MNIST geometry, fp32 batch 128 (as train.py's fashion configs)
-step model_fashion 60 $PY scripts/benchmark.py --geometry fashion_mnist --groups 1 2 4 --batch 128 --steps 30 \
+step model_fashion 50 $PY scripts/benchmark.py --geometry fashion_mnist --groups 1 2 4 --batch 128 --steps 30 \
   --rounds 3 --out "$OUT/model_fashion.json"
 # train.py's loop end to end: fake data, a generated JPEG tree (GPU decode), Fashion-MNIST; G = 2
-step e2e 190 $PY scripts/benchmark.py --e2e fake jpeg fashion_mnist --groups 2 --precision bf16 --channels-last \
+step e2e 180 $PY scripts/benchmark.py --e2e fake jpeg fashion_mnist --groups 2 --precision bf16 --channels-last \
   --compile --batch 256 --steps 20 --rounds 3 --out "$OUT/e2e.json"
 # the test suite on a one-GPU machine
-step pytest 150 $PY -m pytest -q -x -p no:cacheprovider -n 8
+step pytest 120 $PY -m pytest -q -x -p no:cacheprovider -n 8

@@ -297,6 +297,27 @@ def bench_e2e(source: str, G: int, setting: Setting, batch: int, compile_: bool,
     return r
 
 
+def bench_loader(source: str, setting: Setting, batch: int, jpeg_root: str | None, workers: int,
+                 fake_samples: int, fashion_limit: int = 0, epochs: int = 3) -> float:
+    """Images/s of train.py's training loader alone (batches on the device, no model), epochs after the first."""
+    from alexnet.build import data_from_config
+    from parallel import LocalPlacement
+    cfg = e2e_config(source, 2, setting, batch, False, "unused", jpeg_root, workers, fake_samples, fashion_limit)
+    loader, _ = data_from_config(cfg, LocalPlacement(2, [str(setting.device)]))
+    rates = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        sync(setting.device)
+        start, seen = time.perf_counter(), 0
+        for x, _ in loader:
+            seen += x.shape[0]
+        sync(setting.device)
+        rates.append(seen / (time.perf_counter() - start))
+    rate = statistics.mean(rates[1:] or rates)
+    print(f"  loader {source}: {rate:.0f} img/s alone (batch {batch}, {workers} workers where used)", flush=True)
+    return rate
+
+
 def print_e2e(rows: list[dict]) -> None:
     head = f"{'source':<15}{'G':>2}{'batch':>6}{'end-to-end':>12}{'model only':>12}{'ratio':>7}"
     print(head)
@@ -323,6 +344,8 @@ def main(argv=None) -> int:
     p.add_argument("--e2e", nargs="+", default=[], choices=E2E_SOURCES,
                    help="also time train.py's loop end to end on these sources (and skip the model-only table "
                         "unless --geometry is given)")
+    p.add_argument("--loader-only", action="store_true",
+                   help="--e2e: time each source's training loader alone (no model) instead of train.py's loop")
     p.add_argument("--jpeg-root", default=None, help="--e2e jpeg: an existing tree (default: generate one)")
     p.add_argument("--jpeg-files", type=int, default=8192, help="--e2e jpeg: training files to generate")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
@@ -359,8 +382,13 @@ def main(argv=None) -> int:
         jpeg_info = make_tree(args.jpeg_root, args.jpeg_files, 512, 10)
         print(f"  generated {args.jpeg_files} JPEGs ({jpeg_info['mean_bytes'] / 1e3:.1f} KB on average) in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
+    loader_rates = {}
     for source in args.e2e:
         batch = args.batch or (128 if cuda or source == "fashion_mnist" else 16)
+        if args.loader_only:
+            loader_rates[source] = bench_loader(source, setting, batch, args.jpeg_root, args.workers,
+                                                args.fake_samples or 16 * batch, args.fashion_limit)
+            continue
         for G in args.groups:
             e2e_rows.append(bench_e2e(source, G, setting, batch, args.compile, args.steps or (20 if cuda else 3),
                                       args.rounds, args.jpeg_root, args.workers, args.fake_samples or 16 * batch,
@@ -381,7 +409,7 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         gpu = torch.cuda.get_device_name(device) if cuda else None
         json.dump({"torch": torch.__version__, "device_name": gpu, "threads": torch.get_num_threads(),
-                   "cpus": os.cpu_count(), "results": results, "e2e": e2e_rows, "jpeg_tree": jpeg_info,
+                   "cpus": os.cpu_count(), "results": results, "e2e": e2e_rows, "loader_only": loader_rates, "jpeg_tree": jpeg_info,
                    "distributed": distributed}, f, indent=2)
     print(f"wrote {args.out}")
     return 0

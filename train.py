@@ -22,6 +22,7 @@ import sys
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
+from alexnet.engine import TrainingDiverged
 from alexnet.spec import SpecError
 from data.errors import DataError
 from parallel.placement import PlacementError
@@ -51,18 +52,28 @@ def parse_args(argv=None):
 
 
 class StopFlag:
-    """Set by SIGTERM (cluster pre-emption): finish the step, checkpoint, exit cleanly."""
+    """Set by SIGTERM (cluster pre-emption) or a first Ctrl-C: finish the step, checkpoint, exit cleanly.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt), keeping the last checkpoint.
+    """
 
     def __init__(self):
         self.requested = False
+        self.signal = None
 
     def __call__(self) -> bool:
         return self.requested
 
     def install(self) -> None:
         def handler(signum, frame):
-            self.requested = True
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested, self.signal = True, signum
+            if signum == signal.SIGINT:
+                print("\nstopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+                      file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
 
 
 def run_evaluate(args) -> dict:
@@ -86,6 +97,7 @@ def run_evaluate(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cfg = None
     try:
         if args.evaluate:
             run_evaluate(args)
@@ -102,16 +114,24 @@ def main(argv=None) -> int:
             resume = latest_checkpoint(cfg)  # torchrun --max-restarts: continue where the last attempt stopped
         summary = fit(cfg, resume=resume, should_stop=stop)
         if summary.get("stopped"):
-            print(f"stopped by SIGTERM after a checkpoint; resume with --resume ({latest_checkpoint(cfg)})",
+            by = "Ctrl-C" if stop.signal == signal.SIGINT else "SIGTERM"
+            print(f"stopped by {by} after a checkpoint; resume with --resume ({latest_checkpoint(cfg)})",
                   file=sys.stderr)
-            return PREEMPTED  # non-zero, so torchrun --max-restarts starts the job again
+            # non-zero, so torchrun --max-restarts starts a pre-empted job again
+            return 130 if stop.signal == signal.SIGINT else PREEMPTED
         if summary.get("epochs"):
             print(json.dumps(summary, indent=2))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted; the last completed epoch's checkpoint is kept (resume with --resume)", file=sys.stderr)
+        path = latest_checkpoint(cfg) if cfg else None
+        kept = (f"the last checkpoint is kept (resume with --resume: {path})" if path and os.path.isfile(path)
+                else "no checkpoint had been written yet")
+        print(f"interrupted; {kept}", file=sys.stderr)
         return 130
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 
 import yaml
 
@@ -86,6 +87,25 @@ CHOICES = {"model.init": ("paper", "caffe", "kaiming"), "optim.schedule": ("pape
            "parallel.placement": ("local", "distributed", "auto"), "parallel.backend": ("auto", "nccl", "gloo")}
 
 
+# Allowed ranges: (low, low inclusive, high, high inclusive); None = unbounded.
+RANGES = {"model.groups": (1, True, None, False), "model.num_classes": (1, True, None, False),
+          "model.in_channels": (1, True, None, False), "model.input_size": (1, True, None, False),
+          "optim.lr": (0, False, None, False), "optim.momentum": (0, True, 1, False),
+          "optim.weight_decay": (0, True, None, False), "optim.patience": (0, True, None, False),
+          "optim.max_drops": (0, True, None, False), "optim.step_size": (1, True, None, False),
+          "optim.gamma": (0, False, None, False), "optim.warmup_epochs": (0, True, None, False),
+          "train.epochs": (1, True, None, False), "train.log_every": (1, True, None, False),
+          "train.filter_images_every": (0, True, None, False), "data.batch_size": (1, True, None, False),
+          "data.val_batch_size": (1, True, None, False), "data.workers": (0, True, None, False),
+          "data.crop_padding": (0, True, None, False), "data.pca_std": (0, True, None, False),
+          "data.limit": (0, True, None, False), "data.fake_train_samples": (1, True, None, False),
+          "data.fake_val_samples": (1, True, None, False), "parallel.timeout_s": (0, False, None, False)}
+# List keys and the type of their entries.
+LIST_OF = {"model.conv_channels": int, "model.kernels": int, "model.strides": int, "model.paddings": int,
+           "model.fc_widths": int, "model.cross_group": str, "parallel.devices": str}
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 class ConfigError(ValueError):
     """A config problem; the message names the key and the fix."""
 
@@ -102,16 +122,46 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _as_float(value):
+    """YAML 1.1 reads 1e-3 and 1e6 as strings; users write learning rates that way."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _check_range(path: str, value) -> None:
+    if path not in RANGES:
+        return
+    low, low_in, high, high_in = RANGES[path]
+    too_low = low is not None and (value < low if low_in else value <= low)
+    too_high = high is not None and (value > high if high_in else value >= high)
+    if too_low or too_high:
+        lo = "" if low is None else f"{'>=' if low_in else '>'} {low}"
+        hi = "" if high is None else f"{'<=' if high_in else '<'} {high}"
+        raise ConfigError(f"{path} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
+
+
 def _check_type(path: str, value, default):
     if value is None and path in NULLABLE:
         return None
     expected = NULLABLE.get(path, type(default))
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if expected is float:
+        value = _as_float(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"{path}: expected {expected.__name__}, got {value!r} ({type(value).__name__})")
     if path in CHOICES and value not in CHOICES[path]:
         raise ConfigError(f"{path}: {value!r} is not one of {list(CHOICES[path])}")
+    if path in LIST_OF:
+        kind = LIST_OF[path]
+        bad = [v for v in value if not isinstance(v, kind) or (kind is int and isinstance(v, bool))]
+        if bad:
+            raise ConfigError(f"{path}: every entry must be {'an int' if kind is int else 'a string'}, "
+                              f"got {bad[0]!r} in {value!r}")
+        if kind is int and any(v < 0 for v in value):
+            raise ConfigError(f"{path}: entries must be >= 0, got {value!r}")
+    _check_range(path, value)
     return value
 
 
@@ -141,13 +191,19 @@ def read_yaml(path: str, seen: tuple = ()) -> dict:
         with open(path) as f:
             doc = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     parent = doc.pop("inherit", None)
     if parent is None:
         return merge(DEFAULTS, doc)
-    base = read_yaml(os.path.join(os.path.dirname(path), parent), seen + (os.path.abspath(path),))
+    parent_path = os.path.join(os.path.dirname(path), parent)
+    if not os.path.isfile(parent_path):
+        raise ConfigError(f"{path}: inherit: {parent!r} does not exist (looked for {parent_path})")
+    base = read_yaml(parent_path, seen + (os.path.abspath(path),))
     try:
         return merge(base, doc)
     except ConfigError as e:

@@ -26,6 +26,10 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; nothing after the last good checkpoint is saved."""
+
+
 def step_seed(seed: int, step: int, process_index: int) -> int:
     """Dropout randomness depends only on (seed, step, process): a resumed run replays it exactly."""
     return (seed * 1_000_003 + step * 10_007 + process_index * 101) % (2 ** 63)
@@ -58,6 +62,8 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
     seen = carry["seen"]
     stopped = False
     vote = None
+    # set on the device when a loss is not finite; read where the host reads anyway (log steps, epoch end)
+    diverged = torch.zeros((), dtype=torch.bool, device=device)
     start = time.perf_counter()
     for images, labels in loader:
         torch.manual_seed(step_seed(seed, step, placement.process_index))
@@ -81,9 +87,13 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
             sums[1] += wrong1
             sums[2] += wrong5
             sums[3] += n
+            diverged |= ~torch.isfinite(loss.detach())
         seen += images.shape[0]
         step += 1
         if step % log_every == 0:
+            # every rank of one replica sees the same loss; with replicas, only the reduced epoch sums agree
+            if placement.num_replicas == 1 and diverged.item():
+                raise TrainingDiverged(f"the training loss became NaN or infinite by step {step} (lr {lr:.3g})")
             running = (sums[0] / sums[3]).item()
             if on_log:
                 on_log(step, loss.item(), lr)
@@ -102,6 +112,8 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
         torch.cuda.synchronize(device)
     elapsed = carry["train_s"] + time.perf_counter() - start
     sums = placement.all_reduce_sum(sums)
+    if not torch.isfinite(sums).all():
+        raise TrainingDiverged(f"the training loss became NaN or infinite in this epoch (by step {step})")
     partial = {"sums": sums.tolist(), "seen": seen, "train_s": elapsed}
     return {"train_loss": (sums[0] / sums[3]).item(), "train_top1_err": 100.0 * (sums[1] / sums[3]).item(),
             "train_top5_err": 100.0 * (sums[2] / sums[3]).item(),

@@ -10,9 +10,10 @@ from tqdm import tqdm
 
 from alexnet import accel
 from alexnet import checkpoint as ckpt_io
+from alexnet import rundir
 from alexnet.build import data_from_config, placement_from_config, spec_from_config
 from alexnet.config import dump
-from alexnet.engine import evaluate, train_one_epoch
+from alexnet.engine import TrainingDiverged, evaluate, train_one_epoch
 from alexnet.init import init_reference_state
 from alexnet.logs import RunLog
 from alexnet.model import GroupAlexNet
@@ -46,7 +47,23 @@ def resolve_resume(resume: str | None, run_dir: str) -> str | None:
 
 def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = None, should_stop=lambda: False,
         placement=None, quiet: bool = False) -> dict:
-    """Train as the config says; returns the summary (also written to summary.json)."""
+    """Train as the config says; returns the summary (also written to summary.json).
+
+    The run directory is checked and locked first (``alexnet.rundir``): a folder that holds
+    a run is only continued with ``resume``, and never by two processes at once.
+    """
+    placement = placement or placement_from_config(cfg)
+    resume_path = resolve_resume(resume, cfg["run"]["dir"])
+    lock = rundir.claim(cfg["run"]["dir"], resuming=bool(resume_path), lock=placement.is_main)
+    try:
+        return _fit(cfg, resume_path, stop_after_epoch, should_stop, placement, quiet)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, should_stop, placement,
+         quiet: bool) -> dict:
     torch.manual_seed(cfg["run"]["seed"])
     accel.set_determinism(cfg["run"]["deterministic"])
     spec, placement, model, optimizer = build_run(cfg, placement)
@@ -56,7 +73,6 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
     schedule = LRSchedule(o["schedule"], o["lr"], t["epochs"], len(train_loader), o["patience"], o["max_drops"],
                           o["step_size"], o["gamma"], o["warmup_epochs"])
     start_epoch, step, wall_before, skip, carry = 0, 0, 0.0, 0, None
-    resume_path = resolve_resume(resume, run_dir)
     if resume_path:
         ckpt = ckpt_io.load(resume_path)
         ckpt_io.check_compatible(ckpt, cfg["model"], resume_path)
@@ -65,7 +81,10 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
         schedule.load_state_dict(ckpt["schedule"])
         start_epoch, step, wall_before = ckpt["epoch"], ckpt["step"], ckpt["wall_s"]
         skip, carry = ckpt.get("epoch_step", 0), ckpt.get("partial")
-    log = RunLog(run_dir, placement.is_main, start_epoch, step)
+        last_record = ckpt.get("record")
+    else:
+        last_record = None
+    log = RunLog(run_dir, placement.is_main, start_epoch, step, last_record)
     say = print if placement.is_main and not quiet else (lambda *a, **k: None)
     batch_shape = (train_loader.batch_size, spec.in_channels, spec.input_size, spec.input_size)
     runner = accel.prepare(model, cfg, placement, batch_shape, say=say)
@@ -77,10 +96,11 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
     run_start = time.perf_counter()
     stopped = False
 
-    def checkpoint(epochs_done: int, epoch_step: int = 0, partial: dict | None = None, weights=None) -> None:
+    def checkpoint(epochs_done: int, epoch_step: int = 0, partial: dict | None = None, weights=None,
+                   record: dict | None = None) -> None:
         # Every rank takes part (shards are gathered); only the main process writes.
         state = {"format": ckpt_io.FORMAT, "config": cfg, "epoch": epochs_done, "step": step,
-                 "epoch_step": epoch_step, "partial": partial,
+                 "epoch_step": epoch_step, "partial": partial, "record": record or last_record,
                  "model": weights if weights is not None else ckpt_io.model_state(model),
                  "optimizer": ckpt_io.optimizer_state(model, optimizer),
                  "schedule": schedule.state_dict(), "wall_s": wall_before + time.perf_counter() - run_start}
@@ -95,11 +115,19 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
                    disable=quiet or not placement.is_main, leave=False, dynamic_ncols=True)
         placement.counter.reset()
         step_before = step
-        result = train_one_epoch(runner, train_loader, optimizer, schedule, placement, epoch, step, cfg["run"]["seed"],
-                                 t["precision"], progress=bar, log_every=t["log_every"], should_stop=should_stop,
-                                 carry=carry, channels_last=channels_last,
-                                 on_log=lambda s, loss, lr: (log.scalar("train/loss", loss, s),
-                                                             log.scalar("train/lr", lr, s)))
+        try:
+            result = train_one_epoch(runner, train_loader, optimizer, schedule, placement, epoch, step,
+                                     cfg["run"]["seed"], t["precision"], progress=bar, log_every=t["log_every"],
+                                     should_stop=should_stop, carry=carry, channels_last=channels_last,
+                                     on_log=lambda s, loss, lr: (log.scalar("train/loss", loss, s),
+                                                                 log.scalar("train/lr", lr, s)))
+        except TrainingDiverged as e:
+            bar.close()
+            path = os.path.join(run_dir, "checkpoints", "last.pt")
+            kept = (f"the last checkpoint ({path}, epoch {epoch}) is kept" if os.path.isfile(path)
+                    else "no checkpoint had been written yet")
+            raise TrainingDiverged(f"{e}, epoch {epoch + 1}: nothing of this epoch is saved and {kept}; lower "
+                                   f"optim.lr (it is {o['lr']:g}) or check the data") from None
         bar.close()
         mb_per_step = placement.counter.total() / 1e6
         step = result["step"]
@@ -119,16 +147,18 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
                   "lr": lr_used, "images_per_s": result["images_per_s"], "cross_group_mb_per_step": mb_per_step,
                   "epoch_s": time.perf_counter() - epoch_start, "data_replicas": placement.num_replicas,
                   "groups": spec.groups}
+        # The checkpoint first, holding the epoch's record: metrics.jsonl never lists an epoch that no
+        # checkpoint holds, and a crash between the two is repaired on resume (RunLog).
+        weights = ckpt_io.model_state(model)
+        checkpoint(epoch + 1, weights=weights, record=record)
         log.epoch(record)
         if placement.is_main and not quiet:
             print(f"epoch {epoch + 1}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "
                   f"{record['val_top1_err']:.2f}%  top-5 {record['val_top5_err']:.2f}%  lr {lr_used:.3g}  "
                   f"{record['images_per_s']:.0f} img/s  {record['epoch_s']:.1f}s", flush=True)
-        weights = ckpt_io.model_state(model)
         every = t["filter_images_every"]
         if every and ((epoch + 1) % every == 0 or epoch + 1 == t["epochs"]):
             log.filters(weights, spec.groups, epoch + 1)
-        checkpoint(epoch + 1, weights=weights)
         if result["stopped"]:
             stopped = True
             break

@@ -25,7 +25,8 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class RunLog:
-    def __init__(self, run_dir: str, enabled: bool, resume_epoch: int = 0, resume_step: int = 0):
+    def __init__(self, run_dir: str, enabled: bool, resume_epoch: int = 0, resume_step: int = 0,
+                 resume_record: dict | None = None):
         self.enabled = enabled
         self.run_dir = run_dir
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -33,9 +34,13 @@ class RunLog:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        # Keep only the epochs the checkpoint covers: a crash between the metrics line
-        # and the checkpoint must not leave a duplicate epoch behind.
+        # Keep only the epochs the checkpoint covers (an interrupted epoch is redone).
         kept = [m for m in read_metrics(self.metrics_path) if m["epoch"] <= resume_epoch]
+        # The checkpoint is written before the metrics line: a crash in between leaves the line
+        # missing, and the checkpoint carries it.
+        if resume_record and resume_record["epoch"] == resume_epoch and not any(
+                m["epoch"] == resume_epoch for m in kept):
+            kept.append(resume_record)
         with open(self.metrics_path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in kept)
         from torch.utils.tensorboard import SummaryWriter

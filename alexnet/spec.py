@@ -69,6 +69,9 @@ class AlexNetSpec:
         for key, n in (("conv_channels", 5), ("kernels", 5), ("strides", 5), ("paddings", 5), ("fc_widths", 2)):
             if len(getattr(self, key)) != n:
                 raise SpecError(f"model.{key} needs {n} entries (one per layer), got {getattr(self, key)}")
+        for key in ("conv_channels", "kernels", "strides", "fc_widths"):
+            if any(v < 1 for v in getattr(self, key)):
+                raise SpecError(f"model.{key} entries must be >= 1, got {getattr(self, key)}")
         bad = [c for c in self.cross_group if c not in CROSSABLE]
         if bad:
             raise SpecError(f"model.cross_group: {bad} not allowed; choose from {list(CROSSABLE)} "
@@ -88,8 +91,25 @@ class AlexNetSpec:
         if "fc8" not in self.cross_group and self.num_classes % G:
             raise SpecError(f"fc8 without cross_group splits its input by group, so num_classes "
                             f"({self.num_classes}) must divide by {G}; add fc8 to model.cross_group")
-        if self.layers()[-2].in_shape[0] <= 0:
-            raise SpecError("the image is too small for this geometry")
+        too_small = self._first_empty_map(self.input_size)
+        if too_small:
+            fits = next((n for n in range(self.input_size + 1, 4097) if not self._first_empty_map(n)), None)
+            hint = f"; use model.input_size >= {fits}" if fits else ""
+            raise SpecError(f"model.input_size={self.input_size} is too small for this geometry: {too_small} "
+                            f"would have no pixels left{hint}")
+
+    def _first_empty_map(self, size: int) -> str | None:
+        """The first conv or pool whose output would be empty for a ``size`` x ``size`` input, else None."""
+        h = size
+        for i, name in enumerate(CONV_NAMES):
+            h = (h + 2 * self.paddings[i] - self.kernels[i]) // self.strides[i] + 1
+            if h < 1:
+                return name
+            if name in POOL_AFTER:
+                h = (h - POOL_KERNEL) // POOL_STRIDE + 1
+                if h < 1:
+                    return f"the pool after {name}"
+        return None
 
     def layers(self) -> list[LayerInfo]:
         """Every weight layer with its shapes, parameters and multiply-accumulates per image."""

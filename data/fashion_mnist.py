@@ -188,6 +188,12 @@ def build(root: str | None, batch_size: int, val_batch_size: int, size: int, see
     holding the data on ``device``."""
     paths = locate(root, cache_dir, download)
     tensors = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "val"):
+        n_images, n_labels = len(tensors[f"{split}_images"]), len(tensors[f"{split}_labels"])
+        if n_images != n_labels:
+            raise DataError(f"Fashion-MNIST {split}: {paths[split + '_images']} has {n_images} images but "
+                            f"{paths[split + '_labels']} has {n_labels} labels; the files do not belong together, "
+                            "fetch both again")
     if limit:
         tensors = {key: t[:limit] for key, t in tensors.items()}
     train = InMemoryLoader(tensors["train_images"], tensors["train_labels"], batch_size, size, True, seed,

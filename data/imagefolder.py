@@ -8,6 +8,7 @@ their flips) whose predictions the evaluation averages.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from torchvision import datasets, transforms
@@ -51,7 +52,44 @@ def eval_transform(size: int, crops: int):
 
 def _samples(root: str, split: str) -> list[tuple[str, int]]:
     """(path, class index) of every image under root/split, as torchvision's ImageFolder lists them."""
-    return datasets.ImageFolder(os.path.join(root, split)).samples
+    return _image_folder(root, split).samples
+
+
+class TolerantImageFolder(datasets.ImageFolder):
+    """ImageFolder whose unreadable files (truncated, not an image) are skipped with one warning line each."""
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except (OSError, ValueError, SyntaxError) as e:
+            print(f"warning: skipping unreadable image {self.samples[index][0]} ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)
+            return None
+
+
+def collate_skipping(batch):
+    """default_collate over the samples that loaded; None when none did."""
+    batch = [b for b in batch if b is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
+def _image_folder(root: str, split: str, transform=None) -> datasets.ImageFolder:
+    try:
+        return TolerantImageFolder(os.path.join(root, split), transform)
+    except FileNotFoundError as e:  # a class folder without images, or no class folders at all
+        raise DataError(f"{os.path.join(root, split)}: {e}; every class folder needs at least one image "
+                        "(.jpg, .jpeg, .png, ...)") from None
+
+
+def check_same_classes(root: str) -> None:
+    """train/ and val/ must name the same classes, or class indices would silently disagree."""
+    classes = {split: sorted(e.name for e in os.scandir(os.path.join(root, split)) if e.is_dir())
+               for split in ("train", "val")}
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))[:3]
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))[:3]
+        raise DataError(f"{root}: train/ and val/ hold different class folders (only in train: {only_train}, "
+                        f"only in val: {only_val}); both need the same classes")
 
 
 class FolderLoader:
@@ -61,7 +99,7 @@ class FolderLoader:
         self.sampler = ReplicaBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed, replica=replica,
                                            num_replicas=num_replicas, drop_last=train)
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
-                                                  pin_memory=torch.cuda.is_available(),
+                                                  collate_fn=collate_skipping, pin_memory=torch.cuda.is_available(),
                                                   persistent_workers=workers > 0)
         self.num_samples = len(dataset)
 
@@ -76,7 +114,7 @@ class FolderLoader:
         return len(self.sampler)
 
     def __iter__(self):
-        return iter(self.loader)
+        return (batch for batch in self.loader if batch is not None)
 
 
 def build(root: str | None, batch_size: int, val_batch_size: int, size: int, seed: int, replica: int,
@@ -92,13 +130,14 @@ def build(root: str | None, batch_size: int, val_batch_size: int, size: int, see
                             "folders of class sub-folders (the ImageNet layout)")
     if eval_crops not in (1, 10):
         raise DataError(f"data.eval_crops must be 1 or 10, got {eval_crops}")
+    check_same_classes(root)
     if device_decode.wanted(decode, device):
         kw = dict(size=size, seed=seed, replica=replica, num_replicas=num_replicas, workers=workers, device=device,
                   pca_std=pca_std, eval_crops=eval_crops)
         return (device_decode.DeviceDecodeLoader(_samples(root, "train"), batch_size, True, **kw),
                 device_decode.DeviceDecodeLoader(_samples(root, "val"), val_batch_size, False, **kw))
-    train_set = datasets.ImageFolder(os.path.join(root, "train"), train_transform(size, pca_std))
-    val_set = datasets.ImageFolder(os.path.join(root, "val"), eval_transform(size, eval_crops))
+    train_set = _image_folder(root, "train", train_transform(size, pca_std))
+    val_set = _image_folder(root, "val", eval_transform(size, eval_crops))
     train = FolderLoader(train_set, batch_size, True, seed, replica, num_replicas, workers)
     val = FolderLoader(val_set, val_batch_size, False, seed, replica, num_replicas, workers)
     return train, val

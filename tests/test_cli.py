@@ -42,6 +42,8 @@ def test_smoke_run_writes_events_metrics_summary(root, tmp_path):
     (["--set", "model.groups=3", "--set", "model.conv_channels=[36,256,144,144,96]"], "conv2"),
     (["--set", "parallel.devices=[cpu,cpu,cpu]"], "parallel.devices"),
     (["--set", "data.dataset=imagefolder", "--set", "data.root=/nonexistent"], "/nonexistent"),
+    (["--set", "optim.lr=1e6"], "training diverged"),
+    (["--set", "train.epochs=0"], "train.epochs must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(root, tmp_path, args, needle):
     proc = run_cli(root, "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}", *args)

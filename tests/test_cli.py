@@ -48,7 +48,9 @@ def test_smoke_run_writes_events_metrics_summary(root, tmp_path):
 def test_bad_input_is_one_line_and_exit_2(root, tmp_path, args, needle):
     proc = run_cli(root, "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}", *args)
     assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    # what a terminal shows: a progress bar erased with carriage returns leaves nothing
+    lines = [line.rsplit("\r", 1)[-1] for line in proc.stderr.strip().split("\n")]
+    lines = [line for line in lines if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -111,8 +111,9 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
     for epoch in range(start_epoch, t["epochs"]):
         train_loader.set_epoch(epoch, skip)
         epoch_start = time.perf_counter()
+        # disable=None: no bar when stderr is not a terminal (log files, pipes), so errors stay one line
         bar = tqdm(total=len(train_loader), initial=skip, desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
-                   disable=quiet or not placement.is_main, leave=False, dynamic_ncols=True)
+                   disable=True if quiet or not placement.is_main else None, leave=False, dynamic_ncols=True)
         placement.counter.reset()
         step_before = step
         try:

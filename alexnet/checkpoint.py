@@ -21,8 +21,15 @@ def save_atomic(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on where torch.save fails
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = "the previous checkpoint is kept" if os.path.isfile(path) else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {path} ({first_line(e)}); {kept}; free disk space, "
+                              "then continue with --resume") from None
 
 
 def load(path: str) -> dict:

@@ -158,3 +158,19 @@ def test_pil_path_skips_a_truncated_jpeg_with_one_warning(tmp_path, capfd):
     x, y = next(iter(train))
     assert x.shape == (3, 3, 32, 32) and len(y) == 3
     assert len([line for line in capfd.readouterr().err.splitlines() if "0.JPEG" in line]) == 1
+
+
+def test_failed_checkpoint_write_leaves_no_temporary_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from alexnet import checkpoint as ckpt_io
+    path = tmp_path / "last.pt"
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "model": {}}, str(path))
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ckpt_io.CheckpointError, match="No space left on device.*previous checkpoint is kept"):
+        ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "model": {"w": torch.zeros(1)}}, str(path))
+    assert os.listdir(tmp_path) == ["last.pt"]
+    monkeypatch.undo()
+    assert ckpt_io.load(str(path))["model"] == {}

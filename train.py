@@ -31,6 +31,12 @@ USER_ERRORS = (ConfigError, SpecError, PlacementError, DataError, CheckpointErro
 PREEMPTED = 143  # 128 + SIGTERM
 
 
+def report_error(message: str) -> None:
+    """One line on stderr; under torchrun only rank 0 says it (every rank fails alike)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr)
+
+
 def restarted_by_torchrun() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
@@ -122,10 +128,10 @@ def main(argv=None) -> int:
         if summary.get("epochs"):
             print(json.dumps(summary, indent=2))
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(str(e))
         return 2
     except TrainingDiverged as e:
-        print(f"error: training diverged: {e}", file=sys.stderr)
+        report_error(f"training diverged: {e}")
         return 2
     except KeyboardInterrupt:
         path = latest_checkpoint(cfg) if cfg else None

@@ -22,14 +22,40 @@ def save_atomic(obj, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path) or ".")
     except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on where torch.save fails
         if os.path.exists(tmp):
             os.remove(tmp)
         kept = "the previous checkpoint is kept" if os.path.isfile(path) else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint {path} ({first_line(e)}); {kept}; free disk space, "
                               "then continue with --resume") from None
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (a crash right after it keeps the new name)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_atomic(src: str, dst: str) -> None:
+    """``dst`` becomes a copy of ``src`` (e.g. best.pt from last.pt), never half-written."""
+    import shutil
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(f"could not write {dst} ({e.strerror}); {src} is kept; free disk space") from None
 
 
 def load(path: str) -> dict:

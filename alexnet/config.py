@@ -76,6 +76,8 @@ DEFAULTS: dict = {
         "seed": 0,
         "dir": None,                 # default runs/<config family>/g<G>-s<seed>
         "deterministic": False,      # torch.use_deterministic_algorithms (slower on GPU)
+        "overwrite": False,          # true: start over in a run.dir that holds a run (its metrics, events and
+                                     # checkpoints are deleted); false: such a folder is only continued (--resume)
     },
 }
 

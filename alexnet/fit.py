@@ -34,13 +34,16 @@ def build_run(cfg: dict, placement=None):
     return spec, placement, model, optimizer
 
 
-def resolve_resume(resume: str | None, run_dir: str) -> str | None:
-    """``--resume`` with no path means the run directory's latest checkpoint."""
+def resolve_resume(resume: str | None, run_dir: str, say=print) -> str | None:
+    """``--resume`` with no path means the run directory's latest checkpoint; with none yet, a fresh start.
+
+    (A job restarted before its first checkpoint, e.g. by torchrun --max-restarts, must still run.)
+    """
     if resume == "latest":
         path = os.path.join(run_dir, "checkpoints", "last.pt")
         if not os.path.isfile(path):
-            raise ckpt_io.CheckpointError(f"--resume: no checkpoint in {os.path.dirname(path)}; "
-                                          "run without --resume to start, or pass a checkpoint path")
+            say(f"--resume: no checkpoint in {os.path.dirname(path)} yet; starting from the beginning")
+            return None
         return path
     return resume
 
@@ -53,8 +56,10 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
     a run is only continued with ``resume``, and never by two processes at once.
     """
     placement = placement or placement_from_config(cfg)
-    resume_path = resolve_resume(resume, cfg["run"]["dir"])
-    lock = rundir.claim(cfg["run"]["dir"], resuming=bool(resume_path), lock=placement.is_main)
+    say = print if placement.is_main and not quiet else (lambda *a, **k: None)
+    resume_path = resolve_resume(resume, cfg["run"]["dir"], say)
+    lock = rundir.claim(cfg["run"]["dir"], resuming=bool(resume_path) or resume == "latest",
+                        overwrite=cfg["run"]["overwrite"], lock=placement.is_main)
     try:
         return _fit(cfg, resume_path, stop_after_epoch, should_stop, placement, quiet)
     finally:
@@ -152,6 +157,10 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         # checkpoint holds, and a crash between the two is repaired on resume (RunLog).
         weights = ckpt_io.model_state(model)
         checkpoint(epoch + 1, weights=weights, record=record)
+        if placement.is_main and record["val_top1_err"] <= min(
+                [m["val_top1_err"] for m in log.history()] or [math.inf]):
+            ckpt_io.copy_atomic(os.path.join(run_dir, "checkpoints", "last.pt"),
+                                os.path.join(run_dir, "checkpoints", "best.pt"))
         log.epoch(record)
         if placement.is_main and not quiet:
             print(f"epoch {epoch + 1}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "

@@ -4,8 +4,10 @@ A run directory holds one run's history (metrics.jsonl, events, checkpoints). St
 new run where one already trained would erase it, and two processes writing into one
 folder interleave their lines, so before training the main process:
   * checks the path can be a folder (no regular file in the way, checkpoints/ not a file);
-  * refuses a folder that already holds a run unless the run is being resumed;
-  * takes an exclusive lock (``.lock``, released when the process ends, even if killed).
+  * refuses a folder that already holds a run unless the run is being resumed, or
+    ``run.overwrite`` says to delete it and start over;
+  * takes an exclusive lock (``.lock``, an flock: the kernel releases it when the process
+    ends, even if killed, so a stale lock cannot exist; the file names the holder's pid).
 """
 from __future__ import annotations
 
@@ -34,19 +36,34 @@ def holds_a_run(run_dir: str) -> bool:
     return os.path.isfile(metrics) and os.path.getsize(metrics) > 0
 
 
-def claim(run_dir: str, resuming: bool, lock: bool = True):
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")
+
+
+def clear_run(run_dir: str) -> None:
+    """Delete what a run wrote (metrics, summary, events, checkpoints); other files are left alone."""
+    import shutil
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if name in RUN_FILES or name.startswith("events.out.tfevents"):
+            os.remove(path)
+        elif name == "checkpoints" and os.path.isdir(path):
+            shutil.rmtree(path)
+
+
+def claim(run_dir: str, resuming: bool, overwrite: bool = False, lock: bool = True):
     """Check ``run_dir`` and lock it for this process; returns the open lock file (keep it until the run ends).
 
-    Every rank of a torchrun job checks (so all refuse alike); only the main one locks (``lock``).
+    Every rank of a torchrun job checks (so all refuse alike); only the main one locks (``lock``)
+    and, with ``overwrite``, deletes the previous run's files once it holds the lock.
     """
     _check_is_folder_path(run_dir)
     checkpoints = os.path.join(run_dir, "checkpoints")
     if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
         raise ConfigError(f"{checkpoints} is a file, but checkpoints are written into a folder of that name; "
                           "move the file away or choose another run.dir")
-    if not resuming and holds_a_run(run_dir):
-        raise ConfigError(f"run.dir {run_dir!r} already holds a run; continue it with --resume, or start a new one "
-                          "elsewhere with --set run.dir=<new folder> (or delete the folder)")
+    if not resuming and not overwrite and holds_a_run(run_dir):
+        raise ConfigError(f"run.dir {run_dir!r} already holds a run; continue it with --resume, start a new one "
+                          "elsewhere with --set run.dir=<new folder>, or replace it with --set run.overwrite=true")
     if not lock:
         return None
     try:
@@ -66,4 +83,6 @@ def claim(run_dir: str, resuming: bool, lock: bool = True):
     handle.truncate()
     handle.write(f"process {os.getpid()}\n")
     handle.flush()
+    if overwrite and not resuming and holds_a_run(run_dir):
+        clear_run(run_dir)
     return handle

@@ -188,6 +188,10 @@ def build(root: str | None, batch_size: int, val_batch_size: int, size: int, see
     holding the data on ``device``."""
     paths = locate(root, cache_dir, download)
     tensors = {key: read_idx(path) for key, path in paths.items()}
+    for key, ndim in (("train_images", 3), ("val_images", 3), ("train_labels", 1), ("val_labels", 1)):
+        if tensors[key].ndim != ndim:
+            raise DataError(f"{paths[key]} holds a {tensors[key].ndim}-D array, but Fashion-MNIST "
+                            f"{key.replace('_', ' ')} are {ndim}-D; is it the right file?")
     for split in ("train", "val"):
         n_images, n_labels = len(tensors[f"{split}_images"]), len(tensors[f"{split}_labels"])
         if n_images != n_labels:

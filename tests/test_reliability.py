@@ -42,9 +42,24 @@ def test_divergence_stops_the_run_and_keeps_the_good_checkpoint(tmp_path):
 def test_a_run_directory_is_never_silently_reused(tmp_path):
     fit(cfg(tmp_path), quiet=True)
     history = metrics(tmp_path)
-    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+    with pytest.raises(ConfigError, match="already holds a run.*--resume.*run.overwrite=true"):
         fit(cfg(tmp_path), quiet=True)
     assert metrics(tmp_path) == history
+    fit(cfg(tmp_path, "run.overwrite=true", "train.epochs=1"), quiet=True)  # explicit: start over
+    assert [m["epoch"] for m in metrics(tmp_path)] == [1]
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("events.out")]) == 1
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, capsys):
+    fit(cfg(tmp_path, "train.epochs=1"), resume="latest")
+    assert "no checkpoint" in capsys.readouterr().out and [m["epoch"] for m in metrics(tmp_path)] == [1]
+
+
+def test_best_checkpoint_follows_the_lowest_validation_error(tmp_path):
+    fit(cfg(tmp_path), quiet=True)
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    errors = [m["val_top1_err"] for m in metrics(tmp_path)]
+    assert best["record"]["val_top1_err"] == min(errors)
 
 
 def test_a_run_directory_is_locked_while_a_run_uses_it(tmp_path):
@@ -166,7 +181,7 @@ def test_failed_checkpoint_write_leaves_no_temporary_file_and_keeps_the_old_one(
     ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "model": {}}, str(path))
 
     def full_disk(obj, f):
-        open(f, "wb").write(b"partial")
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(ckpt_io.CheckpointError, match="No space left on device.*previous checkpoint is kept"):
@@ -174,3 +189,12 @@ def test_failed_checkpoint_write_leaves_no_temporary_file_and_keeps_the_old_one(
     assert os.listdir(tmp_path) == ["last.pt"]
     monkeypatch.undo()
     assert ckpt_io.load(str(path))["model"] == {}
+
+
+def test_fashion_mnist_idx_dimensions_are_checked(tmp_path):
+    from data.fashion_mnist import FILES, build
+    from test_data import tiny_fashion, write_idx
+    tiny_fashion(tmp_path)
+    write_idx(os.path.join(tmp_path, FILES["train_labels"] + ".gz"), torch.zeros(50, 2))
+    with pytest.raises(DataError, match="2-D array.*1-D"):
+        build(str(tmp_path), 16, 8, 32, 0, 0, 1, download=False)

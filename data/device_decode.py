@@ -29,7 +29,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
 from data.prefetch import in_background
-from data.sampler import ReplicaBatchSampler, epoch_generator
+from data.sampler import ReplicaBatchSampler, SamplerLoader, epoch_generator
 
 EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
@@ -219,7 +219,7 @@ def eval_batch(images: list[torch.Tensor], size: int, crops: int) -> torch.Tenso
     return normalise(torch.cat([five, five.flip(-1)], 1).flatten(0, 1)).view(len(images), 10, 3, size, size)
 
 
-class DeviceDecodeLoader:
+class DeviceDecodeLoader(SamplerLoader):
     """Batches of this replica's samples, decoded and transformed on ``device`` (see the module docstring)."""
 
     def __init__(self, samples: list[tuple[str, int]], batch_size: int, train: bool, size: int, seed: int,
@@ -234,16 +234,6 @@ class DeviceDecodeLoader:
                                                   persistent_workers=workers > 0,
                                                   prefetch_factor=4 if workers > 0 else None)
         self.num_samples = len(samples)
-
-    @property
-    def batch_size(self) -> int:
-        return self.sampler.batch_size
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.sampler.set_epoch(epoch, skip)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def __iter__(self):
         return in_background(self._batches, self.device)

@@ -13,7 +13,7 @@ import struct
 import torch
 
 from data.errors import DataError
-from data.sampler import ReplicaBatchSampler, epoch_generator
+from data.sampler import ReplicaBatchSampler, SamplerLoader, epoch_generator
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "filter-groups", "fashion-mnist")
@@ -93,7 +93,7 @@ def _prod(dims) -> int:
     return n
 
 
-class InMemoryLoader:
+class InMemoryLoader(SamplerLoader):
     """Batches of an in-memory uint8 image tensor, normalised, optionally augmented, on ``device``.
 
     The uint8 images live on ``device`` (the training device: Fashion-MNIST is 47 MB), and
@@ -116,16 +116,6 @@ class InMemoryLoader:
         self.sampler = ReplicaBatchSampler(len(labels), batch_size, shuffle=train, seed=seed,
                                            replica=replica, num_replicas=num_replicas)
         self.num_samples = len(labels)
-
-    @property
-    def batch_size(self) -> int:
-        return self.sampler.batch_size
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.sampler.set_epoch(epoch, skip)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def _epoch_draws(self, batches: range) -> torch.Tensor:
         """(3, samples) crop tops, crop lefts and flips (0/1) of the given batches, in order.

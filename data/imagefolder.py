@@ -15,7 +15,7 @@ from torchvision import datasets, transforms
 
 from data import device_decode
 from data.errors import DataError
-from data.sampler import ReplicaBatchSampler
+from data.sampler import ReplicaBatchSampler, SamplerLoader
 
 EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
@@ -92,7 +92,7 @@ def check_same_classes(root: str) -> None:
                         f"only in val: {only_val}); both need the same classes")
 
 
-class FolderLoader:
+class FolderLoader(SamplerLoader):
     """A DataLoader over this replica's slice of each global batch (see data.sampler)."""
 
     def __init__(self, dataset, batch_size: int, train: bool, seed: int, replica: int, num_replicas: int, workers: int):
@@ -102,16 +102,6 @@ class FolderLoader:
                                                   collate_fn=collate_skipping, pin_memory=torch.cuda.is_available(),
                                                   persistent_workers=workers > 0)
         self.num_samples = len(dataset)
-
-    @property
-    def batch_size(self) -> int:
-        return self.sampler.batch_size
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.sampler.set_epoch(epoch, skip)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def __iter__(self):
         return (batch for batch in self.loader if batch is not None)

@@ -54,3 +54,20 @@ class ReplicaBatchSampler:
         for i in range(self.skip, len(self)):
             start, end = self.batch_positions(i)
             yield order[start:end].tolist()
+
+
+class SamplerLoader:
+    """What every loader delegates to its ``self.sampler`` (a ReplicaBatchSampler): batch size, epoch, length."""
+
+    sampler: ReplicaBatchSampler
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's order and augmentation; ``skip`` batches already trained (resuming) are left out."""
+        self.sampler.set_epoch(epoch, skip)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -91,7 +91,8 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         last_record = None
     log = RunLog(run_dir, placement.is_main, start_epoch, step, last_record)
     say = print if placement.is_main and not quiet else (lambda *a, **k: None)
-    batch_shape = (train_loader.batch_size, spec.in_channels, spec.input_size, spec.input_size)
+    per_replica = max(1, train_loader.batch_size // placement.num_replicas)
+    batch_shape = (per_replica, spec.in_channels, spec.input_size, spec.input_size)
     runner = accel.prepare(model, cfg, placement, batch_shape, say=say)
     channels_last = accel.on_cuda(placement) and t["channels_last"]
     if placement.is_main:
@@ -157,6 +158,7 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         # checkpoint holds, and a crash between the two is repaired on resume (RunLog).
         weights = ckpt_io.model_state(model)
         checkpoint(epoch + 1, weights=weights, record=record)
+        last_record = record  # what a mid-epoch checkpoint of the next epoch carries
         if placement.is_main and record["val_top1_err"] <= min(
                 [m["val_top1_err"] for m in log.history()] or [math.inf]):
             ckpt_io.copy_atomic(os.path.join(run_dir, "checkpoints", "last.pt"),

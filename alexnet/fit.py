@@ -14,6 +14,7 @@ from alexnet import rundir
 from alexnet.build import data_from_config, placement_from_config, spec_from_config
 from alexnet.config import dump
 from alexnet.engine import TrainingDiverged, evaluate, train_one_epoch
+from alexnet.filters import within_between_correlation
 from alexnet.init import init_reference_state
 from alexnet.logs import RunLog
 from alexnet.model import GroupAlexNet
@@ -157,6 +158,8 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         # The checkpoint first, holding the epoch's record: metrics.jsonl never lists an epoch that no
         # checkpoint holds, and a crash between the two is repaired on resume (RunLog).
         weights = ckpt_io.model_state(model)
+        # the seed's claim, tested every epoch: are conv1 filters of one group more alike than across groups?
+        record["conv1_corr_within"], record["conv1_corr_between"] = within_between_correlation(weights, spec.groups)
         checkpoint(epoch + 1, weights=weights, record=record)
         last_record = record  # what a mid-epoch checkpoint of the next epoch carries
         if placement.is_main and record["val_top1_err"] <= min(

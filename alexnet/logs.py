@@ -62,13 +62,14 @@ class RunLog:
         self.writer.flush()
 
     def filters(self, weights: dict, groups: int, epoch: int) -> None:
-        """conv1 filters per group, and the conv2 filter-correlation heat map."""
+        """conv1 filters per group, and the conv1 filter-correlation heat map (in group order)."""
         if not self.writer:
             return
         from alexnet.filters import conv1_group_grids, filter_correlation, heatmap_image
         for g, grid in enumerate(conv1_group_grids(weights, groups)):
             self.writer.add_image(f"filters/conv1_group{g}", grid, epoch)
-        self.writer.add_image("filters/conv2_correlation", heatmap_image(filter_correlation(weights, groups)), epoch)
+        self.writer.add_image("filters/conv1_correlation", heatmap_image(filter_correlation(weights, groups, "conv1")),
+                              epoch)
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         """Register this run in TensorBoard's HParams dashboard, inside the run's own directory."""

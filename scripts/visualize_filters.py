@@ -1,9 +1,11 @@
-"""Render a checkpoint's conv1 filters per group and its conv2 filter-correlation heat map to PNG.
+"""Render a checkpoint's conv1 filters per group and their correlation heat map to PNG.
 
   python scripts/visualize_filters.py runs/fashion_mnist/g2-s0/checkpoints/last.pt --out filters/
 
 Writes conv1_filters.png (one panel per group, as in Krizhevsky et al. 2012, Figure 3) and
-conv2_correlation.png (|correlation| between conv2 filters: block-diagonal with G groups).
+conv1_correlation.png (|correlation| between conv1 filters, in group order, with the mean
+within groups and between groups in the title: learned, since every conv1 filter sees the
+whole image).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alexnet import checkpoint as ckpt_io  # noqa: E402
-from alexnet.filters import conv1_group_grids, filter_correlation  # noqa: E402
+from alexnet.filters import conv1_group_grids, filter_correlation, within_between_correlation  # noqa: E402
 
 
 def render(ckpt_path: str, out_dir: str) -> list[str]:
@@ -36,15 +38,21 @@ def render(ckpt_path: str, out_dir: str) -> list[str]:
     filters_png = os.path.join(out_dir, "conv1_filters.png")
     fig.savefig(filters_png, dpi=110)
     plt.close(fig)
-    corr = filter_correlation(state, groups)
-    fig, ax = plt.subplots(figsize=(5, 4.4))
+    corr = filter_correlation(state, groups, "conv1")
+    within, between = within_between_correlation(state, groups)
+    fig, ax = plt.subplots(figsize=(5.4, 4.8))
     im = ax.imshow(corr.numpy(), cmap="viridis", vmin=0, vmax=1)
-    ax.set_title(f"|corr| between conv2 filters (G = {groups})")
+    per_group = corr.shape[0] // groups
+    for g in range(1, groups):  # group boundaries
+        ax.axhline(g * per_group - 0.5, color="white", lw=1)
+        ax.axvline(g * per_group - 0.5, color="white", lw=1)
+    ax.set_title(f"|corr| between conv1 filters (G = {groups})\n"
+                 f"mean within groups {within:.3f}, between groups {between:.3f}", fontsize=10)
     ax.set_xlabel("filter")
     ax.set_ylabel("filter")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    corr_png = os.path.join(out_dir, "conv2_correlation.png")
+    corr_png = os.path.join(out_dir, "conv1_correlation.png")
     fig.savefig(corr_png, dpi=110)
     plt.close(fig)
     return [filters_png, corr_png]

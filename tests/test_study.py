@@ -96,7 +96,7 @@ def test_smoke_run_events_hold_hparams_and_filter_images(tmp_path):
     events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     events.Reload()
     images = events.Tags()["images"]
-    assert {"filters/conv1_group0", "filters/conv1_group1", "filters/conv2_correlation"} <= set(images)
+    assert {"filters/conv1_group0", "filters/conv1_group1", "filters/conv1_correlation"} <= set(images)
     hparams = events.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in hparams
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -111,7 +111,7 @@ def test_visualize_filters_writes_pngs(tmp_path):
     from scripts.visualize_filters import main
     fit(load("configs/smoke.yaml", [f"run.dir={tmp_path / 'run'}", "train.epochs=1"]), quiet=True)
     assert main([str(tmp_path / "run" / "checkpoints" / "last.pt"), "--out", str(tmp_path / "png")]) == 0
-    for name in ("conv1_filters.png", "conv2_correlation.png"):
+    for name in ("conv1_filters.png", "conv1_correlation.png"):
         assert (tmp_path / "png" / name).stat().st_size > 1000
 
 

@@ -182,6 +182,7 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
     history = log.history() if placement.is_main else []
     finished = bool(history) and history[-1]["epoch"] == t["epochs"]
     summary = make_summary(cfg, spec, placement, history, wall_before + time.perf_counter() - run_start, mb_per_step)
+    summary["settings"] = run_settings(cfg, placement, train_loader.num_samples, val_loader.num_samples)
     summary["stopped"] = stopped
     if finished:
         log.summary(summary)
@@ -192,6 +193,29 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
                      "hparam/best_val_top1_err": summary["best_val_top1_err"]})
     log.close()
     return summary
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``+changes`` when the tree differs from it), or None outside git."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+changes" if dirty else "")) if commit else None
+
+
+def run_settings(cfg: dict, placement, train_samples: int, val_samples: int) -> dict:
+    """What was run, for every artefact that reports the run: data, schedule, machine, code."""
+    d, t = cfg["data"], cfg["train"]
+    return {"dataset": d["dataset"], "epochs": t["epochs"], "batch_size": d["batch_size"], "lr": cfg["optim"]["lr"],
+            "data_limit": d["limit"], "train_samples": train_samples, "val_samples": val_samples,
+            "precision": t["precision"], "placement": placement.describe(), "torch": torch.__version__,
+            "commit": git_commit()}
 
 
 def make_summary(cfg: dict, spec, placement, history: list[dict], wall_s: float, mb_per_step: float) -> dict:

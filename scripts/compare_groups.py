@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alexnet.checkpoint import CheckpointError  # noqa: E402
 from alexnet.config import ConfigError, load  # noqa: E402
+from alexnet.engine import TrainingDiverged  # noqa: E402
 from alexnet.fit import fit  # noqa: E402
 from alexnet.spec import SpecError  # noqa: E402
 from data.errors import DataError  # noqa: E402
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--runs-dir", help="folder for this study's runs (default runs/<family>)")
     p.add_argument("--collect-only", action="store_true", help="only build the report from existing runs")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="--collect-only: report even when some requested runs have not finished (named as a warning)")
     args = p.parse_args(argv)
     try:
         runs = plan(args.config_dir, args.groups, args.seeds, args.overrides, args.runs_dir)
@@ -106,11 +109,20 @@ def main(argv=None) -> int:
     except (ConfigError, SpecError, PlacementError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nstudy interrupted: finished runs are kept; run the same command to continue", file=sys.stderr)
         return 130
     family_dir = os.path.dirname(os.path.normpath(runs[0]["dir"]))
-    text = build_report(family_dir)
+    missing = [f"G={r['groups']} seed {r['seed']} ({r['dir']})" for r in runs
+               if not os.path.isfile(os.path.join(r["dir"], "summary.json"))]
+    if missing and not args.allow_missing:
+        print(f"error: requested runs have not finished: {', '.join(missing)}; train them (run without "
+              "--collect-only) or pass --allow-missing to report without them", file=sys.stderr)
+        return 2
+    text = build_report(family_dir, missing)
     if text is None:
         print(f"no finished runs in {family_dir} yet", file=sys.stderr)
         return 1

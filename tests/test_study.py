@@ -32,7 +32,7 @@ def test_report_numbers_are_recomputed_from_metrics(tmp_path):
         fake_run(fam, G, seed, errors, macs[G], mb=0.5 * G)
     (fam / "g3-s0").mkdir()  # unfinished run: no summary, must be ignored
     text = build_report(str(fam))
-    rows = {int(r["groups"]): r for r in csv.DictReader(open(fam / "comparison.csv"))}
+    rows = {int(r["groups"]): r for r in csv.DictReader(open(fam / "comparison.csv")) if r["kind"] != "run"}
     assert sorted(rows) == [1, 2, 4]
     for G in (1, 2, 4):
         runs = [c for (g, _), c in curves.items() if g == G]
@@ -48,8 +48,13 @@ def test_report_numbers_are_recomputed_from_metrics(tmp_path):
         assert int(rows[G]["seeds"]) == len(runs)
         assert float(rows[G]["images_per_s"]) == pytest.approx(101.5)
         assert float(rows[G]["cross_group_mb_per_step"]) == pytest.approx(0.5 * G)
-    # the statement is computed: G=2 mean 20.25 vs G=1 mean 21.0, std sqrt(2) -> below
-    assert "G = 2 is 0.75 points below G = 1" in text and "36.0%" in text
+    # the statement is computed: G=2 mean 20.25 vs G=1 mean 21.0, paired by seed (d = +1.0, -2.5): the 95%
+    # interval -0.75 +- 12.706 * 2.475 / sqrt(2) includes 0, so the verdict is "inconclusive"
+    assert "G = 2 - G = 1 = -0.75 points" in text and "inconclusive" in text and "36.0%" in text
+    assert "[-22.99, +21.49]" in text
+    assert "fewer than 3 seeds" in text
+    per_run = [r for r in csv.DictReader(open(fam / "comparison.csv")) if r["kind"] == "run"]
+    assert sorted((int(r["groups"]), int(r["seed"])) for r in per_run) == sorted(curves)
     assert (fam / "comparison.png").stat().st_size > 10_000 and (fam / "comparison.md").exists()
 
 
@@ -81,6 +86,12 @@ def test_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
     assert [m["epoch"] for m in lines] == [1, 2]
     assert (tmp_path / "runs" / "tinyfam" / "comparison.csv").exists()
     assert compare_groups.main([str(fam), "--seeds", "0", "--groups", "1", "2", "--collect-only"]) == 0
+    # a requested seed that never trained: named, non-zero, unless --allow-missing
+    assert compare_groups.main([str(fam), "--seeds", "0", "1", "--groups", "1", "2", "--collect-only"]) == 2
+    assert compare_groups.main([str(fam), "--seeds", "0", "1", "--groups", "1", "2", "--collect-only",
+                                "--allow-missing"]) == 0
+    report = open(tmp_path / "runs" / "tinyfam" / "comparison.md").read()
+    assert "requested runs missing: G=1 seed 1" in report and "epochs 2" in report and "batch 32" in report
 
 
 def test_runner_rejects_overrides_it_owns(tmp_path):
@@ -123,3 +134,38 @@ def test_runner_refuses_a_run_folder_with_other_settings(tmp_path, monkeypatch):
     assert compare_groups.main([str(fam), "--groups", "1", "--set", "optim.lr=0.5"]) == 2
     runs = compare_groups.plan(str(fam), [1], [0], ["optim.lr=0.5"], runs_dir=str(tmp_path / "other"))
     assert runs[0]["state"] == "new" and runs[0]["dir"] == str(tmp_path / "other" / "g1-s0")
+
+
+def test_confidence_intervals_paired_and_welch():
+    from scripts.study_stats import difference, t975, verdict
+    assert t975(2) == 4.303 and t975(1e9) == pytest.approx(1.960, abs=1e-3) and 2.042 < t975(25) < 2.086
+    # paired: differences 1, 2, 3 -> mean 2, sd 1, n 3: 2 +- 4.303 / sqrt(3)
+    d = difference({0: 10.0, 1: 11.0, 2: 12.0}, {0: 11.0, 1: 13.0, 2: 15.0})
+    assert d["method"] == "paired" and d["diff"] == pytest.approx(2.0)
+    assert d["low"] == pytest.approx(2 - 4.303 / math.sqrt(3)) and d["high"] == pytest.approx(2 + 4.303 / math.sqrt(3))
+    assert "inconclusive" in verdict(d)  # 4.303 / sqrt(3) = 2.48 > 2: the interval includes 0
+    clear = difference({0: 10.0, 1: 11.0, 2: 12.0}, {0: 12.0, 1: 13.1, 2: 13.9})  # d = 2.0, 2.1, 1.9
+    assert clear["low"] == pytest.approx(2 - 4.303 * 0.1 / math.sqrt(3)) and "2.00 points higher than G = 1" in \
+        verdict(clear)
+    # Welch: other seeds; equal variances 1 and n 3 -> se sqrt(2/3), df 4
+    w = difference({0: 10.0, 1: 11.0, 2: 12.0}, {5: 14.0, 6: 15.0, 7: 16.0})
+    assert w["method"] == "welch" and w["low"] == pytest.approx(4 - 2.776 * math.sqrt(2 / 3))
+    # one run per side: no interval, never a finding
+    one = difference({0: 10.0}, {0: 9.0})
+    assert math.isnan(one["low"]) and "inconclusive" in verdict(one)
+
+
+def test_within_between_correlation_on_made_up_filters():
+    import torch
+    from alexnet.filters import within_between_correlation
+    base = torch.randn(3, 5, 5)
+    other = torch.randn(3, 5, 5)
+    # group 0: two copies of one filter (|corr| 1); group 1: a filter and its negative (|corr| 1)
+    w = torch.stack([base, 2 * base, other, -other])
+    within, between = within_between_correlation({"conv1.weight": w}, 2)
+    assert within == pytest.approx(1.0)
+    b = base.flatten() - base.mean()
+    o = other.flatten() - other.mean()
+    expected = (b @ o).abs() / (b.norm() * o.norm())
+    assert between == pytest.approx(expected.item(), rel=1e-5)
+    assert math.isnan(within_between_correlation({"conv1.weight": w}, 1)[1])

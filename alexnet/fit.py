@@ -91,6 +91,7 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
     else:
         last_record = None
     log = RunLog(run_dir, placement.is_main, start_epoch, step, last_record)
+    log.layout()
     say = print if placement.is_main and not quiet else (lambda *a, **k: None)
     per_replica = max(1, train_loader.batch_size // placement.num_replicas)
     batch_shape = (per_replica, spec.in_channels, spec.input_size, spec.input_size)
@@ -186,11 +187,13 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
     summary["stopped"] = stopped
     if finished:
         log.summary(summary)
-        log.hparams({"groups": spec.groups, "seed": cfg["run"]["seed"], "params": spec.params(), "macs": spec.macs(),
-                     "data_replicas": placement.num_replicas},
-                    {"hparam/final_val_top1_err": summary["final_val_top1_err"],
-                     "hparam/final_val_top5_err": summary["final_val_top5_err"],
-                     "hparam/best_val_top1_err": summary["best_val_top1_err"]})
+        log.hparams({"groups": str(spec.groups), "seed": str(cfg["run"]["seed"]), "params": spec.params(),
+                     "macs": spec.macs(), "data_replicas": placement.num_replicas, "epochs": t["epochs"],
+                     "lr": o["lr"], "batch_size": cfg["data"]["batch_size"], "data_limit": cfg["data"]["limit"],
+                     "images_per_s": round(summary["images_per_s"])},
+                    {"groups": [str(g) for g in range(1, 5)] + ([str(spec.groups)] if spec.groups > 4 else []),
+                     "seed": sorted({str(cfg["run"]["seed"]), *map(str, range(3))})},
+                    ["epoch/val_top1_err", "epoch/val_top5_err", "epoch/train_loss", "epoch/images_per_s"])
     log.close()
     return summary
 

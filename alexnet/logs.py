@@ -24,6 +24,22 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# Per-epoch record fields that do not change over a run (or count epochs): kept out of the Scalars page.
+CONSTANT_KEYS = ("epoch", "step", "groups", "data_replicas")
+CUSTOM_SCALARS = {
+    "validation error": {"val top-1 error (%)": ["Multiline", [r"epoch/val_top1_err"]],
+                         "val top-5 error (%)": ["Multiline", [r"epoch/val_top5_err"]],
+                         "val loss": ["Multiline", [r"epoch/val_loss"]]},
+    "training": {"train loss (per log step)": ["Multiline", [r"train/loss"]],
+                 "train top-1 error (%)": ["Multiline", [r"epoch/train_top1_err"]],
+                 "learning rate": ["Multiline", [r"train/lr"]]},
+    "groups": {"conv1 |corr| within groups": ["Multiline", [r"epoch/conv1_corr_within"]],
+               "conv1 |corr| between groups": ["Multiline", [r"epoch/conv1_corr_between"]],
+               "cross-group MB per step": ["Multiline", [r"epoch/cross_group_mb_per_step"]]},
+    "speed": {"images/s": ["Multiline", [r"epoch/images_per_s"]], "epoch seconds": ["Multiline", [r"epoch/epoch_s"]]},
+}
+
+
 class RunLog:
     def __init__(self, run_dir: str, enabled: bool, resume_epoch: int = 0, resume_step: int = 0,
                  resume_record: dict | None = None):
@@ -57,7 +73,7 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         epoch = record["epoch"]
         for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)):
+            if key not in CONSTANT_KEYS and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"epoch/{key}", value, epoch)
         self.writer.flush()
 
@@ -71,15 +87,25 @@ class RunLog:
         self.writer.add_image("filters/conv1_correlation", heatmap_image(filter_correlation(weights, groups, "conv1")),
                               epoch)
 
-    def hparams(self, hparams: dict, metrics: dict) -> None:
-        """Register this run in TensorBoard's HParams dashboard, inside the run's own directory."""
+    def layout(self) -> None:
+        """TensorBoard's Custom Scalars page: one chart per metric, every run in it (runs are named g<G>-s<seed>,
+        so they sort by G)."""
+        if self.writer:
+            self.writer.add_custom_scalars(CUSTOM_SCALARS)
+
+    def hparams(self, hparams: dict, discrete: dict, metrics: list[str]) -> None:
+        """Register this run in TensorBoard's HParams dashboard, inside the run's own directory.
+
+        The metrics are existing per-epoch scalar tags (the dashboard shows their last value),
+        so nothing is written to the Scalars page just for HParams. ``discrete`` gives the
+        value lists of categorical hyperparameters (groups and seed, as text so they read as
+        "2", not "2.0000").
+        """
         if not self.writer:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summary
-        for summary in hparams_summary(hparams, metrics):
+        for summary in hparams_summary(hparams, {m: 0.0 for m in metrics}, hparam_domain_discrete=discrete):
             self.writer.file_writer.add_summary(summary)
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value)
         self.writer.flush()
 
     def history(self) -> list[dict]:

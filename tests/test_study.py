@@ -112,8 +112,17 @@ def test_smoke_run_events_hold_hparams_and_filter_images(tmp_path):
     assert "_hparams_/session_start_info" in hparams
     from tensorboard.plugins.hparams import plugin_data_pb2
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
-    assert start.hparams["groups"].number_value == 2 and "macs" in start.hparams
-    assert "hparam/final_val_top1_err" in events.Tags()["scalars"]
+    assert start.hparams["groups"].string_value == "2" and start.hparams["seed"].string_value == "0"
+    assert {"macs", "epochs", "lr", "batch_size", "data_limit", "images_per_s"} <= set(start.hparams)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    groups_info = next(h for h in experiment.hparam_infos if h.name == "groups")
+    assert [v.string_value for v in groups_info.domain_discrete.values] == ["1", "2", "3", "4"]
+    assert {m.name.tag for m in experiment.metric_infos} >= {"epoch/val_top1_err", "epoch/val_top5_err"}
+    scalars = set(events.Tags()["scalars"])
+    assert "epoch/val_top1_err" in scalars and "train/loss" in scalars
+    assert not {"epoch/groups", "epoch/data_replicas", "epoch/step"} & scalars  # constants stay out
+    assert not any(tag.startswith("hparam/") for tag in scalars)
+    assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")
 
 
 def test_visualize_filters_writes_pngs(tmp_path):

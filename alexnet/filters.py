@@ -63,6 +63,23 @@ def within_between_correlation(state: dict, groups: int) -> tuple[float, float]:
     return within.mean().item(), (between.mean().item() if between.numel() else float("nan"))
 
 
+def input_group_share(state: dict, groups: int, layer: str = "conv3") -> torch.Tensor:
+    """(G, G): row g, column h = the share of group g's filters' squared weight norm on input group h's maps.
+
+    conv3 is the first layer that sees every group's maps, and its weights are dense, so
+    this block structure is learned: a diagonal-heavy matrix means each group kept mostly
+    to its own predecessors' maps. Rows sum to 1 (each filter's share, averaged over the group).
+    """
+    w = state[f"{layer}.weight"].float()
+    c_out, c_in = w.shape[:2]
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"{layer}: {c_out} x {c_in} channels do not split into {groups} groups")
+    energy = w.square().flatten(2).sum(2)  # (C_out, C_in)
+    per_input = energy.view(c_out, groups, c_in // groups).sum(2)  # (C_out, G)
+    share = per_input / per_input.sum(1, keepdim=True).clamp_min(1e-30)
+    return share.view(groups, c_out // groups, groups).mean(1)
+
+
 def _in_channels(state: dict, layer: str) -> int:
     if layer == "conv1":
         return state["conv1.weight"].shape[1]

@@ -81,11 +81,15 @@ class RunLog:
         """conv1 filters per group, and the conv1 filter-correlation heat map (in group order)."""
         if not self.writer:
             return
-        from alexnet.filters import conv1_group_grids, filter_correlation, heatmap_image
+        from alexnet.filters import conv1_group_grids, filter_correlation, heatmap_image, input_group_share
         for g, grid in enumerate(conv1_group_grids(weights, groups)):
             self.writer.add_image(f"filters/conv1_group{g}", grid, epoch)
         self.writer.add_image("filters/conv1_correlation", heatmap_image(filter_correlation(weights, groups, "conv1")),
                               epoch)
+        if groups > 1 and "conv3" in weights and weights["conv3.weight"].shape[1] % groups == 0:
+            # (the learned G x G block structure of the first cross-group layer)
+            share = input_group_share(weights, groups)
+            self.writer.add_image("filters/conv3_input_group_share", heatmap_image(share / share.max()), epoch)
 
     def layout(self) -> None:
         """TensorBoard's Custom Scalars page: one chart per metric, every run in it (runs are named g<G>-s<seed>,

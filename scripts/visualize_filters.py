@@ -5,7 +5,8 @@
 Writes conv1_filters.png (one panel per group, as in Krizhevsky et al. 2012, Figure 3) and
 conv1_correlation.png (|correlation| between conv1 filters, in group order, with the mean
 within groups and between groups in the title: learned, since every conv1 filter sees the
-whole image).
+whole image) and, for G > 1, conv3_input_group_share.png (how much of each conv3 filter
+group's weight falls on each input group's maps: learned, since conv3 is dense).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alexnet import checkpoint as ckpt_io  # noqa: E402
-from alexnet.filters import conv1_group_grids, filter_correlation, within_between_correlation  # noqa: E402
+from alexnet.filters import (conv1_group_grids, filter_correlation, input_group_share,  # noqa: E402
+                             within_between_correlation)
 
 
 def render(ckpt_path: str, out_dir: str) -> list[str]:
@@ -55,7 +57,24 @@ def render(ckpt_path: str, out_dir: str) -> list[str]:
     corr_png = os.path.join(out_dir, "conv1_correlation.png")
     fig.savefig(corr_png, dpi=110)
     plt.close(fig)
-    return [filters_png, corr_png]
+    paths = [filters_png, corr_png]
+    if groups > 1:
+        share = input_group_share(state, groups)
+        fig, ax = plt.subplots(figsize=(4.2, 3.6))
+        im = ax.imshow(share.numpy(), cmap="viridis", vmin=0, vmax=1)
+        for g in range(groups):
+            for h in range(groups):
+                ax.text(h, g, f"{share[g, h]:.2f}", ha="center", va="center", color="white", fontsize=9)
+        ax.set_xlabel("input group (conv2 maps)")
+        ax.set_ylabel("conv3 filter group")
+        ax.set_title("share of conv3 weight norm per input group", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        share_png = os.path.join(out_dir, "conv3_input_group_share.png")
+        fig.savefig(share_png, dpi=110)
+        plt.close(fig)
+        paths.append(share_png)
+    return paths
 
 
 def main(argv=None) -> int:

@@ -131,7 +131,7 @@ def test_visualize_filters_writes_pngs(tmp_path):
     from scripts.visualize_filters import main
     fit(load("configs/smoke.yaml", [f"run.dir={tmp_path / 'run'}", "train.epochs=1"]), quiet=True)
     assert main([str(tmp_path / "run" / "checkpoints" / "last.pt"), "--out", str(tmp_path / "png")]) == 0
-    for name in ("conv1_filters.png", "conv1_correlation.png"):
+    for name in ("conv1_filters.png", "conv1_correlation.png", "conv3_input_group_share.png"):
         assert (tmp_path / "png" / name).stat().st_size > 1000
 
 
@@ -178,3 +178,17 @@ def test_within_between_correlation_on_made_up_filters():
     expected = (b @ o).abs() / (b.norm() * o.norm())
     assert between == pytest.approx(expected.item(), rel=1e-5)
     assert math.isnan(within_between_correlation({"conv1.weight": w}, 1)[1])
+
+
+def test_conv3_input_group_share_on_made_up_weights():
+    import torch
+    from alexnet.filters import input_group_share
+    w = torch.zeros(4, 4, 3, 3)
+    w[0, 0] = 1.0           # group 0, filter 0: all on input group 0
+    w[1, :2] = 1.0          # group 0, filter 1: half/half? no: channels 0,1 are both input group 0
+    w[2, 2] = 1.0           # group 1, filter 2: all on input group 1
+    w[3, 0] = 1.0
+    w[3, 3] = 1.0           # group 1, filter 3: half on each
+    share = input_group_share({"conv3.weight": w}, 2)
+    expected = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    torch.testing.assert_close(share, expected)

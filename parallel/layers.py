@@ -7,7 +7,10 @@ reference activation.
 
 Each layer stores, per slot, the rows of the reference weight that its groups own
 (output channels ``[first_s, last_s)``), so one slot holding every group *is* the
-reference layer and the weight mapping is a slice both ways.
+reference layer and the weight mapping is a slice both ways: ``to_full()`` assembles the
+single-device twin's ``{"weight", "bias"}`` and ``load_full()`` takes this process's rows
+of one; ``full_state_dict`` / ``load_full_state_dict`` do the same for every sharded layer
+of a model, keyed by module name.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from parallel.placement import split_sizes
 
@@ -41,15 +45,49 @@ class _GroupSharded(nn.Module):
             start = sum(self.group_out[:slot.first])
             self.slot_rows.append((start, start + sum(self.group_out[g] for g in slot.groups)))
         self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
+        self.biases = nn.ParameterList()  # empty when the layer has no bias
+
+    def _add_block(self, shape: tuple[int, ...], device: torch.device, bias: bool) -> None:
+        self.weights.append(nn.Parameter(torch.empty(*shape, device=device)))
+        if bias:
+            self.biases.append(nn.Parameter(torch.zeros(shape[0], device=device)))
+
+    def _bias(self, i: int) -> torch.Tensor | None:
+        return self.biases[i] if len(self.biases) else None
 
     def reset_parameters(self) -> None:
         """torch's default for Conv2d/Linear (Kaiming-uniform, a = sqrt(5)) on every block, so a layer
         built on its own is ready to train; AlexNet overwrites it with its own init scheme."""
-        for w, b in zip(self.weights, self.biases):
+        for i, w in enumerate(self.weights):
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-            bound = 1 / math.sqrt(w[0].numel())
-            nn.init.uniform_(b, -bound, bound)
+            if self._bias(i) is not None:
+                bound = 1 / math.sqrt(w[0].numel())
+                nn.init.uniform_(self._bias(i), -bound, bound)
+
+    def to_full(self) -> dict[str, torch.Tensor]:
+        """The single-device twin's parameters (CPU): every group's rows stacked in group order.
+
+        A collective under the distributed placement: every rank of the group must call it.
+        """
+        out = {"weight": self.placement.assemble_rows([w.detach() for w in self.weights])}
+        if len(self.biases):
+            out["bias"] = self.placement.assemble_rows([b.detach() for b in self.biases])
+        return out
+
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Copy this process's rows of the twin's ``{"weight", "bias"}`` into the shards (exact slices)."""
+        expected = (sum(self.group_out), *self.weights[0].shape[1:])
+        if tuple(full["weight"].shape) != expected:
+            raise ValueError(f"{self.name}: weight of shape {tuple(full['weight'].shape)} does not fit "
+                             f"{expected}")
+        if ("bias" in full) != bool(len(self.biases)):
+            raise ValueError(f"{self.name}: the layer {'has' if len(self.biases) else 'has no'} bias, the state "
+                             f"{'has' if 'bias' in full else 'has no'} bias")
+        with torch.no_grad():
+            for i, (lo, hi) in enumerate(self.slot_rows):
+                self.weights[i].copy_(full["weight"][lo:hi].to(self.weights[i].device))
+                if len(self.biases):
+                    self.biases[i].copy_(full["bias"][lo:hi].to(self.biases[i].device))
 
     def _inputs(self, x, dim: int = 1) -> list[torch.Tensor]:
         """The tensor each slot computes from: its own maps, all groups' maps, or the replicated input."""
@@ -76,18 +114,17 @@ class GroupConv2d(_GroupSharded):
     A slot holding k groups computes them in one call (``groups=k`` in ``own`` mode).
     """
 
-    def __init__(self, placement, in_channels: int, out_channels: int, kernel_size: int,
-                 stride: int = 1, padding: int = 0, input_mode: str = "own", name: str = "conv"):
+    def __init__(self, placement, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0, input_mode: str = "own",
+                 name: str = "conv", dilation: int | tuple[int, int] = 1, bias: bool = True):
         super().__init__(placement, out_channels, input_mode, name, uneven_ok=False)
         G = placement.groups
         if input_mode == "own" and in_channels % G:
             raise ValueError(f"{name}: {in_channels} input channels do not divide by {G} groups")
-        self.stride, self.padding = stride, padding
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.in_per_filter = in_channels // G if input_mode == "own" else in_channels
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
-            self.weights.append(nn.Parameter(torch.empty(hi - lo, self.in_per_filter, kernel_size, kernel_size,
-                                                         device=slot.device)))
-            self.biases.append(nn.Parameter(torch.zeros(hi - lo, device=slot.device)))
+            self._add_block((hi - lo, self.in_per_filter, *_pair(kernel_size)), slot.device, bias)
         self.slot_conv_groups = [s.count if input_mode == "own" else 1 for s in placement.local_slots]
         # How a slot holding k > 1 groups computes them; both give the same Y_g (see FORMULATIONS).
         self.formulation = "grouped"
@@ -100,14 +137,15 @@ class GroupConv2d(_GroupSharded):
     FORMULATIONS = ("grouped", "split")
 
     def forward(self, x) -> list[torch.Tensor]:
-        return [self._conv(xi, w, b, k)
-                for xi, w, b, k in zip(self._inputs(x), self.weights, self.biases, self.slot_conv_groups)]
+        return [self._conv(xi, w, self._bias(i), k)
+                for i, (xi, w, k) in enumerate(zip(self._inputs(x), self.weights, self.slot_conv_groups))]
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int) -> torch.Tensor:
         if k == 1 or self.formulation == "grouped":
-            return F.conv2d(x, w, b, self.stride, self.padding, 1, k)
-        return torch.cat([F.conv2d(xg, wg, bg, self.stride, self.padding)
-                          for xg, wg, bg in zip(x.chunk(k, 1), w.chunk(k, 0), b.chunk(k, 0))], dim=1)
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, k)
+        biases = b.chunk(k, 0) if b is not None else [None] * k
+        return torch.cat([F.conv2d(xg, wg, bg, self.stride, self.padding, self.dilation)
+                          for xg, wg, bg in zip(x.chunk(k, 1), w.chunk(k, 0), biases)], dim=1)
 
 
 class GroupLinear(_GroupSharded):
@@ -122,28 +160,29 @@ class GroupLinear(_GroupSharded):
     """
 
     def __init__(self, placement, in_features: int, out_features: int, input_mode: str = "all",
-                 name: str = "fc"):
+                 name: str = "fc", bias: bool = True):
         super().__init__(placement, out_features, input_mode, name, uneven_ok=input_mode != "own")
         G = placement.groups
         if input_mode == "own" and in_features % G:
             raise ValueError(f"{name}: {in_features} input features do not divide by {G} groups")
         self.in_per_output = in_features // G if input_mode == "own" else in_features
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
-            self.weights.append(nn.Parameter(torch.empty(hi - lo, self.in_per_output, device=slot.device)))
-            self.biases.append(nn.Parameter(torch.zeros(hi - lo, device=slot.device)))
+            self._add_block((hi - lo, self.in_per_output), slot.device, bias)
         self.reset_parameters()
 
     def forward(self, x) -> list[torch.Tensor]:
         out = []
-        for xi, w, b, slot in zip(self._inputs(x), self.weights, self.biases, self.placement.local_slots):
+        for i, (xi, w, slot) in enumerate(zip(self._inputs(x), self.weights, self.placement.local_slots)):
             xi = xi.flatten(1)
+            b = self._bias(i)
             k = slot.count if self.input_mode == "own" else 1
             if k == 1:
                 out.append(F.linear(xi, w, b))
             else:  # k groups, block-diagonal: (k, N, in_g) @ (k, in_g, out_g)
                 n = xi.shape[0]
                 y = torch.bmm(xi.view(n, k, -1).transpose(0, 1), w.view(k, -1, w.shape[1]).transpose(1, 2))
-                out.append(y.transpose(0, 1).reshape(n, -1) + b)
+                y = y.transpose(0, 1).reshape(n, -1)
+                out.append(y + b if b is not None else y)
         return out
 
 
@@ -162,6 +201,14 @@ class PerGroup(nn.Module):
 
     def __init__(self, placement, module: nn.Module, channel_wise: bool = False):
         super().__init__()
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            raise ValueError(f"PerGroup applies one {type(module).__name__} to every slot, but it has parameters or "
+                             "running statistics, which each slot needs its own of; build one module per slot "
+                             "(or a sharded layer) instead")
+        if isinstance(module, nn.modules.batchnorm._NormBase) and not channel_wise:
+            raise ValueError(f"PerGroup({type(module).__name__}): folding groups into the batch would share "
+                             "statistics across groups; pass channel_wise=True (statistics per channel, equal "
+                             "under every placement)")
         self.placement = placement
         self.module = module
         self.channel_wise = channel_wise
@@ -184,3 +231,26 @@ class PerGroup(nn.Module):
 def gather_output(placement, x: list[torch.Tensor], group_sizes: list[int], name: str = "logits") -> torch.Tensor:
     """All groups' outputs concatenated along features where the loss is computed."""
     return placement.gather_output(list(x), 1, name, group_sizes)
+
+
+def sharded_layers(model: nn.Module) -> dict[str, _GroupSharded]:
+    """Every GroupConv2d / GroupLinear of ``model`` by its module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _GroupSharded)}
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<module>.weight", "<module>.bias"}`` of the single-device twin of every sharded layer (CPU)."""
+    out = {}
+    for name, layer in sharded_layers(model).items():
+        for key, value in layer.to_full().items():
+            out[f"{name}.{key}"] = value
+    return out
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Shard a full (single-device) state dict into every sharded layer, for whatever placement it has."""
+    for name, layer in sharded_layers(model).items():
+        part = {key: state[f"{name}.{key}"] for key in ("weight", "bias") if f"{name}.{key}" in state}
+        if "weight" not in part:
+            raise KeyError(f"the state has no {name}.weight")
+        layer.load_full(part)

@@ -41,7 +41,7 @@ def _time_fwd_bwd(layer: GroupConv2d, x: torch.Tensor, w, b, k: int, repeats: in
 def _key(layer: GroupConv2d, x: torch.Tensor, k: int) -> tuple:
     fmt = "channels_last" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
     return (str(x.device), str(x.dtype), fmt, tuple(x.shape), k, tuple(layer.weights[0].shape), layer.stride,
-            layer.padding)
+            layer.padding, layer.dilation, layer._bias(0) is not None)
 
 
 def choose_conv_formulations(model: torch.nn.Module, run_forward, cache: dict | None = None,
@@ -75,7 +75,8 @@ def choose_conv_formulations(model: torch.nn.Module, run_forward, cache: dict | 
         x = inputs[0].detach().requires_grad_(True)
         # weights in the activation's dtype: what autocast hands the convolution
         w = layer.weights[0].detach().clone().to(x.dtype).requires_grad_(True)
-        b = layer.biases[0].detach().clone().to(x.dtype).requires_grad_(True)
+        b = layer._bias(0)
+        b = b.detach().clone().to(x.dtype).requires_grad_(True) if b is not None else None
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             w = w.detach().to(memory_format=torch.channels_last).requires_grad_(True)
         k = layer.slot_conv_groups[0]

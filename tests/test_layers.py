@@ -187,3 +187,50 @@ def test_conv_formulation_tuner_decides_each_grouped_layer_and_caches():
     assert net[1].formulation == records[0]["choice"] and not records[0]["cached"]
     assert choose_conv_formulations(net, lambda: net(x), cache)[0]["cached"]
     assert_close(net(x)[0], expected[0])
+
+
+@pytest.mark.parametrize("devices", [["cpu"], ["cpu", "cpu"]])
+def test_conv_with_tuple_geometry_dilation_and_no_bias_equals_torch(devices):
+    pl = LocalPlacement(2, devices)
+    layer = GroupConv2d(pl, 4, 6, (3, 1), stride=(2, 1), padding=(2, 0), dilation=(2, 1), bias=False,
+                        input_mode="own")
+    ref = nn.Conv2d(4, 6, (3, 1), stride=(2, 1), padding=(2, 0), dilation=(2, 1), groups=2, bias=False)
+    layer.load_full({"weight": ref.weight.detach()})
+    assert set(layer.to_full()) == {"weight"} and torch.equal(layer.to_full()["weight"], ref.weight.detach())
+    x = torch.randn(2, 4, 7, 5, requires_grad=True)
+    y = torch.cat(layer(shard(x, pl)), 1)
+    assert_close(y, ref(x))
+    g, = torch.autograd.grad(y.square().sum(), x)
+    g_ref, = torch.autograd.grad(ref(x).square().sum(), x)
+    assert_close(g, g_ref)
+
+
+def test_linear_without_bias_and_full_state_round_trip():
+    from parallel import full_state_dict, load_full_state_dict
+    pl = LocalPlacement(4, ["cpu", "cpu"])
+    with pytest.raises(ValueError, match="10 input features do not divide"):
+        GroupLinear(pl, 10, 8, input_mode="own")
+    # an own-mode layer needs in_features divisible by G: 8 -> 8 over 4 groups
+    net = nn.Sequential(GroupLinear(pl, 6, 8, input_mode="replicated", bias=False),
+                        GroupLinear(pl, 8, 8, input_mode="own"))
+    full = {"0.weight": torch.randn(8, 6), "1.weight": torch.randn(8, 2), "1.bias": torch.randn(8)}
+    load_full_state_dict(net, full)
+    back = full_state_dict(net)
+    assert set(back) == set(full) and all(torch.equal(back[k], full[k]) for k in full)
+    x = torch.randn(3, 6)
+    h = x @ full["0.weight"].T
+    blocks = [h[:, 2 * g:2 * g + 2] @ full["1.weight"][2 * g:2 * g + 2].T for g in range(4)]
+    expected = torch.cat(blocks, 1) + full["1.bias"]
+    y = torch.cat(net[1](net[0](x)), 1)
+    assert_close(y, expected)
+
+
+def test_per_group_refuses_modules_with_state_or_shared_statistics():
+    pl = LocalPlacement(2, ["cpu"])
+    with pytest.raises(ValueError, match="parameters or running statistics"):
+        PerGroup(pl, nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="share statistics across groups"):
+        PerGroup(pl, nn.BatchNorm2d(4, affine=False, track_running_stats=False))
+    bn = PerGroup(pl, nn.BatchNorm2d(8, affine=False, track_running_stats=False), channel_wise=True)
+    x = torch.randn(4, 8, 3, 3)
+    assert_close(bn([x])[0], nn.functional.batch_norm(x, None, None, training=True))

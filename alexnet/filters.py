@@ -27,6 +27,25 @@ def conv1_group_grids(state: dict, groups: int, pad: int = 1) -> list[torch.Tens
     nrow = max(1, int(per_group ** 0.5 + 0.999))
     return [make_grid(chunk, nrow=nrow, padding=pad, pad_value=1.0) for chunk in w.split(per_group)]
 
+def conv1_all_groups_image(state: dict, groups: int, pad: int = 1) -> tuple[torch.Tensor, float]:
+    """All conv1 filters in one (C, H, W) image, one row block per group with a blank row between groups,
+    on one shared scale: value v is shown as 0.5 + v / (2 * scale), scale = max |weight| (returned too),
+    so filters of different groups compare directly (grey = 0)."""
+    w = state["conv1.weight"].float()
+    if w.shape[1] not in (1, 3):
+        w = w[:, :1]
+    scale = w.abs().max().clamp_min(1e-12).item()
+    shown = (0.5 + w / (2 * scale)).clamp(0, 1)
+    per_group = w.shape[0] // groups
+    ncol = max(1, int(per_group ** 0.5 + 0.999))
+    blocks = []
+    for chunk in shown.split(per_group):
+        grid = make_grid(chunk, nrow=ncol, padding=pad, pad_value=1.0)
+        blocks.append(grid)
+        blocks.append(torch.ones(grid.shape[0], 3 * pad + 2, grid.shape[2]))  # separator between groups
+    return torch.cat(blocks[:-1], dim=1), scale
+
+
 def dense_filters(weight: torch.Tensor, groups: int, grouped: bool) -> torch.Tensor:
     """(C_out, C_in * k * k): a grouped weight written out with zeros outside each filter's group."""
     c_out, c_in_g = weight.shape[:2]

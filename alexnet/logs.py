@@ -81,9 +81,11 @@ class RunLog:
         """conv1 filters per group, and the conv1 filter-correlation heat map (in group order)."""
         if not self.writer:
             return
-        from alexnet.filters import conv1_group_grids, filter_correlation, heatmap_image, input_group_share
+        from alexnet.filters import (conv1_all_groups_image, conv1_group_grids, filter_correlation, heatmap_image,
+                                     input_group_share)
         for g, grid in enumerate(conv1_group_grids(weights, groups)):
             self.writer.add_image(f"filters/conv1_group{g}", grid, epoch)
+        self.writer.add_image("filters/conv1_all_groups", conv1_all_groups_image(weights, groups)[0], epoch)
         self.writer.add_image("filters/conv1_correlation", heatmap_image(filter_correlation(weights, groups, "conv1")),
                               epoch)
         if groups > 1 and "conv3" in weights and weights["conv3.weight"].shape[1] % groups == 0:

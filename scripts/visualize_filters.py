@@ -2,7 +2,8 @@
 
   python scripts/visualize_filters.py runs/fashion_mnist/g2-s0/checkpoints/last.pt --out filters/
 
-Writes conv1_filters.png (one panel per group, as in Krizhevsky et al. 2012, Figure 3) and
+Writes conv1_filters.png (all groups in one image, group by group, on one colour scale with
+its bar, as in Krizhevsky et al. 2012, Figure 3) and
 conv1_correlation.png (|correlation| between conv1 filters, in group order, with the mean
 within groups and between groups in the title: learned, since every conv1 filter sees the
 whole image) and, for G > 1, conv3_input_group_share.png (how much of each conv3 filter
@@ -17,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alexnet import checkpoint as ckpt_io  # noqa: E402
-from alexnet.filters import (conv1_group_grids, filter_correlation, input_group_share,  # noqa: E402
+from alexnet.filters import (conv1_all_groups_image, filter_correlation, input_group_share,  # noqa: E402
                              within_between_correlation)
 
 
@@ -29,13 +30,14 @@ def render(ckpt_path: str, out_dir: str) -> list[str]:
     groups = ckpt["config"]["model"]["groups"]
     state = ckpt["model"]
     os.makedirs(out_dir, exist_ok=True)
-    grids = conv1_group_grids(state, groups, pad=2)
-    fig, axes = plt.subplots(1, groups, figsize=(3.2 * groups, 3.4), squeeze=False)
-    for g, (ax, grid) in enumerate(zip(axes[0], grids)):
-        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"conv1, group {g}")
-        ax.axis("off")
-    fig.suptitle(f"G = {groups}, epoch {ckpt['epoch']}")
+    image, scale = conv1_all_groups_image(state, groups, pad=2)
+    fig, ax = plt.subplots(figsize=(4.6, 1.2 + 3.2 * groups ** 0.5))
+    shown = ax.imshow(image.permute(1, 2, 0).numpy() if image.shape[0] == 3 else image[0].numpy(),
+                      cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(f"conv1 filters, G = {groups} (groups top to bottom), epoch {ckpt['epoch']}", fontsize=9)
+    ax.axis("off")
+    bar = fig.colorbar(shown, ax=ax, fraction=0.04, ticks=[0, 0.5, 1])
+    bar.ax.set_yticklabels([f"{-scale:.2g}", "0", f"{scale:.2g}"])  # one scale for every group's filters
     fig.tight_layout()
     filters_png = os.path.join(out_dir, "conv1_filters.png")
     fig.savefig(filters_png, dpi=110)

@@ -2,6 +2,7 @@
 cross-group bytes per image, with totals.
 
   python scripts/model_stats.py --config configs/imagenet/g2.yaml [--set model.groups=4]
+  python scripts/model_stats.py --config configs/imagenet/g1.yaml configs/imagenet/g2.yaml configs/imagenet/g4.yaml
 
 Multiply-accumulates count weights x output positions (no bias adds, no LRN/pool), the
 convention that gives 1,135,256,096 for the paper's AlexNet at G = 1 (Ioannou's table
@@ -37,17 +38,19 @@ def table(spec) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, nargs="+", help="one or more configs, a table each")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
     try:
-        spec = spec_from_config(load(args.config, args.overrides))
+        specs = [spec_from_config(load(path, args.overrides)) for path in args.config]
     except (ConfigError, SpecError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"AlexNet, G = {spec.groups}, input {spec.in_channels}x{spec.input_size}x{spec.input_size}, "
-          f"{spec.num_classes} classes, cross-group layers: {', '.join(spec.cross_group)}")
-    print(table(spec))
+    for path, spec in zip(args.config, specs):
+        print(f"{path}: AlexNet, G = {spec.groups}, input {spec.in_channels}x{spec.input_size}x{spec.input_size}, "
+              f"{spec.num_classes} classes, cross-group layers: {', '.join(spec.cross_group)}")
+        print(table(spec))
+        print()
     print("x-group B/img: bytes all groups receive from the other groups per image in the forward pass "
           "(fp32); the backward pass sends the same volume back.")
     return 0

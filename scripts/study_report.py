@@ -6,7 +6,7 @@ G = 1), final and best validation top-1/top-5 error as mean and sample standard 
 over seeds with n, the difference of final top-1 to G = 1 with a 95% confidence interval
 (paired by seed where the seeds match, else Welch; ``study_stats``), the mean |correlation|
 of conv1 filters within and between groups, images/s and cross-group MB per step; then
-Ioannou's ImageNet rows (DESIGN.md) for comparison, a statement computed from the numbers
+Ioannou's ImageNet rows (Ioannou et al., Deep Roots, CVPR 2017) for comparison, a statement computed from the numbers
 that says "inconclusive" when the interval includes 0, and warnings (few seeds, missing
 runs, runs still improving). comparison.csv holds one row per run and one per G.
 """
@@ -25,7 +25,7 @@ except ImportError:  # run as a file: scripts/ is on sys.path
     from study_stats import difference, verdict
 
 RUN_NAME = re.compile(r"^g(\d+)-s(\d+)$")
-# Ioannou's AlexNet on ILSVRC-2012 (DESIGN.md, section 2): reference only, not measured here.
+# Ioannou's AlexNet on ILSVRC-2012 (Ioannou et al., Deep Roots, CVPR 2017): reference only, not measured here.
 IMAGENET_REFERENCE = [
     {"groups": 1, "top1": 41.80, "top5": 18.97, "params": 62_378_344, "macs": 1_135_266_664},
     {"groups": 2, "top1": 41.84, "top5": 18.14, "params": 60_965_224, "macs": 724_417_384},

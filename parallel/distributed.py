@@ -43,6 +43,7 @@ class DistributedPlacement:
         self.device, self.global_rank, self.mesh = torch.device(device), global_rank, mesh
         self.slots = [Slot(self.device, group_index, 1)]
         self.counter = counter if counter is not None else CommCounter()
+        self._sizes: dict[tuple[str, int], list[int]] = {}
 
     @classmethod
     def from_env(cls, groups: int, backend: str = "auto", timeout_s: float = 600,
@@ -99,7 +100,7 @@ class DistributedPlacement:
                group_sizes: list[int] | None = None) -> list[torch.Tensor]:
         """All-gather this group's shard over the "group" dimension (backward: reduce-scatter)."""
         (shard,) = shards
-        sizes = group_sizes or [shard.shape[dim]] * self.groups
+        sizes = group_sizes or self.group_sizes(name, shard.shape[dim])
         nbytes = received_bytes(shard.numel() * shard.element_size() * sum(sizes) // sizes[self.group_index],
                                 sizes, list(range(self.groups)))
         self.counter.record(name, nbytes, nbytes)
@@ -109,11 +110,25 @@ class DistributedPlacement:
                       group_sizes: list[int] | None = None) -> torch.Tensor:
         """All-gather the logits; every rank computes the same loss, so backward keeps its own slice."""
         (shard,) = shards
-        sizes = group_sizes or [shard.shape[dim]] * self.groups
+        sizes = group_sizes or self.group_sizes(name, shard.shape[dim])
         nbytes = received_bytes(shard.numel() * shard.element_size() * sum(sizes) // sizes[self.group_index],
                                 sizes, list(range(self.groups)))
         self.counter.record(name, nbytes, 0)  # backward keeps its own slice: nothing moves
         return all_gather_for_replicated_consumer(shard, self.group_pg, dim, sizes, self.group_index, self.counter)
+
+    def group_sizes(self, name: str, local: int) -> list[int]:
+        """Every group's share of the gathered dimension at exchange ``name`` (10 features over 4 ranks: 3,3,2,2).
+
+        Asked of the other ranks once per exchange and remembered: the shares of a layer's
+        output do not change between steps, so later steps pay nothing.
+        """
+        key = (name, local)
+        if key not in self._sizes:
+            mine = torch.tensor([local], device=self.device)
+            everyone = [torch.zeros_like(mine) for _ in range(self.groups)]
+            dist.all_gather(everyone, mine, group=self.group_pg)
+            self._sizes[key] = [int(t.item()) for t in everyone]
+        return self._sizes[key]
 
     def sync_gradients(self, params) -> None:
         """Average each group's gradients over the data replicas: one flat all-reduce."""

@@ -50,3 +50,27 @@ def equivalence(rank: int, world: int, port: int, groups: int, out: str, steps: 
         torch.save({"logits": torch.cat(all_logits), "grads": grads, "counted": counted, "curve": curve,
                     "final": final, "replica_batch": len(mine)}, out)
     dist.destroy_process_group()
+
+
+def uneven_chain(rank: int, world: int, port: int, out: str):
+    """Two chained GroupLinear over ``world`` ranks with 10 features (3, 3, 2, 2 over 4): forward and backward."""
+    setup(rank, world, port)
+    from parallel import GroupLinear, gather_output
+    from parallel.distributed import DistributedPlacement
+    placement = DistributedPlacement.from_env(world, "gloo")
+    first = GroupLinear(placement, 6, 10, input_mode="replicated", name="a")
+    second = GroupLinear(placement, 10, 10, input_mode="all", name="b")
+    gen = torch.Generator().manual_seed(3)
+    full = {"a": {"weight": torch.randn(10, 6, generator=gen), "bias": torch.randn(10, generator=gen)},
+            "b": {"weight": torch.randn(10, 10, generator=gen), "bias": torch.randn(10, generator=gen)}}
+    first.load_full(full["a"])
+    second.load_full(full["b"])
+    x = torch.randn(5, 6, generator=gen)
+    y = gather_output(placement, second(first(x)), second.group_out)
+    y.square().sum().backward()
+    grads = {name: placement.assemble_rows([layer.weights[0].grad])
+             for name, layer in (("a", first), ("b", second))}
+    if rank == 0:
+        torch.save({"y": y.detach(), "grads": grads, "full": full, "x": x,
+                    "counted": placement.counter.snapshot()}, out)
+    dist.destroy_process_group()

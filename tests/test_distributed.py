@@ -68,6 +68,23 @@ def test_distributed_matches_local_and_reference(tmp_path, world, groups):
         assert got["counted"][f"{name}/bwd"] == got["replica_batch"] * per_image
 
 
+def test_uneven_features_chain_over_four_ranks(tmp_path):
+    """10 features over 4 groups (3, 3, 2, 2): gathers learn the shares, forward and backward equal dense torch."""
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(dist_worker.uneven_chain, args=(4, free_port(), out), nprocs=4, join=True)
+    got = torch.load(out, weights_only=True)
+    full, x = got["full"], got["x"].requires_grad_(False)
+    wa = full["a"]["weight"].clone().requires_grad_(True)
+    wb = full["b"]["weight"].clone().requires_grad_(True)
+    y = F.linear(F.linear(x, wa, full["a"]["bias"]), wb, full["b"]["bias"])
+    y.square().sum().backward()
+    assert_close(got["y"], y.detach())
+    assert_close(got["grads"]["a"], wa.grad)
+    assert_close(got["grads"]["b"], wb.grad)
+    # rank 0 (3 of 10 features) receives the other 7 of every sample at b: 5 x 7 x 4 bytes
+    assert got["counted"]["b/fwd"] == sum(5 * (10 - n) * 4 for n in (3, 3, 2, 2))
+
+
 # --- torchrun end to end: train.py under one process per group, pre-emption and restarts ---
 
 # gloo on CPU: these test the CPU path, also on a machine with fewer GPUs than ranks

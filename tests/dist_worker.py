@@ -74,3 +74,29 @@ def uneven_chain(rank: int, world: int, port: int, out: str):
         torch.save({"y": y.detach(), "grads": grads, "full": full, "x": x,
                     "counted": placement.counter.snapshot()}, out)
     dist.destroy_process_group()
+
+
+def resnext_equivalence(rank: int, world: int, port: int, out: str):
+    """examples/resnext.py with one group per rank: logits and every weight's gradient, gathered on rank 0."""
+    setup(rank, world, port)
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import resnext
+    from parallel import load_full_state_dict
+    from parallel.distributed import DistributedPlacement
+    from parallel.layers import sharded_layers
+    placement = DistributedPlacement.from_env(world, "gloo")
+    torch.manual_seed(0)
+    reference = resnext.Reference(world)
+    model = resnext.GroupResNeXt(placement)
+    load_full_state_dict(model, reference.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (6,), generator=gen)
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    grads = {f"{name}.weight": placement.assemble_rows([w.grad for w in layer.weights])
+             for name, layer in sharded_layers(model).items()}
+    if rank == 0:
+        torch.save({"logits": logits.detach(), "grads": grads}, out)
+    dist.destroy_process_group()

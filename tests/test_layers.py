@@ -234,3 +234,15 @@ def test_per_group_refuses_modules_with_state_or_shared_statistics():
     bn = PerGroup(pl, nn.BatchNorm2d(8, affine=False, track_running_stats=False), channel_wise=True)
     x = torch.randn(4, 8, 3, 3)
     assert_close(bn([x])[0], nn.functional.batch_norm(x, None, None, training=True))
+
+
+def test_both_placements_fulfil_both_contracts():
+    from parallel import GroupPlacement, Runtime
+    from parallel.distributed import DistributedPlacement
+    local = LocalPlacement(2, ["cpu", "cpu"])
+    assert isinstance(local, GroupPlacement) and isinstance(local, Runtime)
+    for contract in (GroupPlacement, Runtime):
+        members = [m for m in dir(contract) if not m.startswith("_")] + list(contract.__annotations__)
+        missing = [m for m in members if not hasattr(DistributedPlacement, m) and m not in ("groups", "replica",
+                                                                                         "num_replicas")]
+        assert not missing, (contract.__name__, missing)

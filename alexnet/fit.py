@@ -212,13 +212,18 @@ def git_commit() -> str | None:
     return (commit + ("+changes" if dirty else "")) if commit else None
 
 
+# The commit of the code this process runs: read once, when it is imported, so a study that
+# runs for hours in one process keeps reporting the code it loaded even if the checkout moves on.
+CODE_COMMIT = git_commit()
+
+
 def run_settings(cfg: dict, placement, train_samples: int, val_samples: int) -> dict:
     """What was run, for every artefact that reports the run: data, schedule, machine, code."""
     d, t = cfg["data"], cfg["train"]
     return {"dataset": d["dataset"], "epochs": t["epochs"], "batch_size": d["batch_size"], "lr": cfg["optim"]["lr"],
             "data_limit": d["limit"], "train_samples": train_samples, "val_samples": val_samples,
             "precision": t["precision"], "placement": placement.describe(), "torch": torch.__version__,
-            "commit": git_commit()}
+            "commit": CODE_COMMIT}
 
 
 def make_summary(cfg: dict, spec, placement, history: list[dict], wall_s: float, mb_per_step: float) -> dict:

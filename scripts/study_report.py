@@ -132,6 +132,9 @@ def settings(runs: dict[int, list[dict]]) -> dict:
                 if value not in found.setdefault(key, []):
                     found[key].append(value)
     out = {key: values[0] if len(values) == 1 else values for key, values in found.items()}
+    if isinstance(out.get("placement"), list):  # one description per G: say what they share
+        devices = sorted({p.rsplit(" on ", 1)[-1] for p in out["placement"]})
+        out["placement"] = f"groups on {', '.join(devices)}"
     out["seeds"] = sorted({r["seed"] for group in runs.values() for r in group})
     return out
 
@@ -292,7 +295,8 @@ def plot(runs: dict[int, list[dict]], table: list[dict], path: str, family: str,
     ax.set_title("val error by epoch (band: ±1 std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(f"{family}: AlexNet with G filter groups\n{subtitle}", fontsize=9)
+    import textwrap
+    fig.suptitle(f"{family}: AlexNet with G filter groups\n" + textwrap.fill(subtitle, 190), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -19,6 +19,23 @@ from parallel.comm import CommCounter, all_gather_for_distinct_consumers, all_ga
 from parallel.placement import PlacementError, Slot
 
 
+def _restart_store(world: int, timeout: timedelta) -> dict:
+    """init_process_group arguments that give a torchrun restart round keys of its own.
+
+    torchrun --max-restarts starts the new workers on the same key-value store as the dead
+    round's; without a fresh prefix a restarted rank can read a dead peer's address and
+    time out connecting to it (gloo's connectFullMesh). The first round keeps env://.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0:
+        return {}
+    rank = int(os.environ["RANK"])
+    hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=hosts_store,
+                          timeout=timeout)
+    return {"store": dist.PrefixStore(f"restart{restart}", store), "rank": rank, "world_size": world}
+
+
 def pick_backend(requested: str) -> str:
     """``auto``: nccl when CUDA is available, gloo otherwise."""
     if requested == "auto":
@@ -65,7 +82,8 @@ class DistributedPlacement:
             device = torch.device("cpu")
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                    device_id=device if backend == "nccl" else None)
+                                    device_id=device if backend == "nccl" else None,
+                                    **_restart_store(world, timedelta(seconds=timeout_s)))
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (world // groups, groups), mesh_dim_names=("data", "group"))
         # A CPU (gloo) group for control messages (the stop flag), so agreeing to stop

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--devices", nargs="+", default=["auto"])
     p.add_argument("--limit", type=int, default=0, help="only the first N images of each split (0: all)")
     p.add_argument("--seed", type=int, default=0)

@@ -198,3 +198,27 @@ def test_fashion_mnist_idx_dimensions_are_checked(tmp_path):
     write_idx(os.path.join(tmp_path, FILES["train_labels"] + ".gz"), torch.zeros(50, 2))
     with pytest.raises(DataError, match="2-D array.*1-D"):
         build(str(tmp_path), 16, 8, 32, 0, 0, 1, download=False)
+
+
+def test_first_ctrl_c_stops_after_the_step_with_a_mid_epoch_checkpoint(root, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, os.path.join(root, "train.py"), "--config", "configs/smoke.yaml", "--set",
+           f"run.dir={tmp_path}", "--set", "data.fake_train_samples=3072", "--set", "train.epochs=3"] + \
+        [a for item in TINY for a in ("--set", item)]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by Ctrl-C after a checkpoint" in err and "Traceback" not in err
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] >= 1 and ckpt["epoch_step"] > 0  # the partial epoch is kept, not thrown away
+    fit(cfg(tmp_path, "data.fake_train_samples=3072", "train.epochs=3"), resume="latest", quiet=True)
+    assert [m["epoch"] for m in metrics(tmp_path)] == [1, 2, 3]

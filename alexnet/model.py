@@ -76,15 +76,12 @@ class GroupAlexNet(nn.Module):
         ``value_of(param)`` substitutes a per-parameter tensor of the same shape (e.g. an
         optimizer's momentum buffer), so optimizer state maps exactly like the weights.
         """
-        value_of = value_of or (lambda p: p.detach())
         out = {}
         for name, layer in self.weight_layers.items():
             wkey, bkey = self._reference_keys(name)
-            shape = self._reference_weight_shape(name)
-            wparts = [value_of(w).reshape(w.shape[0], *shape[1:]).cpu() for w in layer.weights]
-            bparts = [value_of(b).cpu() for b in layer.biases]
-            out[wkey] = self.placement.assemble_rows(wparts)
-            out[bkey] = self.placement.assemble_rows(bparts)
+            full = layer.to_full(value_of)
+            out[wkey] = full["weight"].reshape(self._reference_weight_shape(name))
+            out[bkey] = full["bias"]
         return out
 
     def from_reference(self, state: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
@@ -93,14 +90,13 @@ class GroupAlexNet(nn.Module):
         for name, layer in self.weight_layers.items():
             wkey, bkey = self._reference_keys(name)
             shape = self._reference_weight_shape(name)
-            for tensor, key, expected in ((layer.weights, wkey, shape), (layer.biases, bkey, shape[:1])):
+            for key, expected in ((wkey, shape), (bkey, shape[:1])):
                 if key not in state:
                     raise KeyError(f"reference state has no {key!r}")
                 if tuple(state[key].shape) != tuple(expected):
                     raise ValueError(f"{key}: shape {tuple(state[key].shape)} does not fit this model's "
                                      f"{tuple(expected)} (another G or geometry?)")
-                for p, (lo, hi) in zip(tensor, layer.slot_rows):
-                    out[p] = state[key][lo:hi].reshape(p.shape).to(p.device)
+            out.update(layer.slices_of({"weight": state[wkey], "bias": state[bkey]}))
         return out
 
     def load_reference(self, state: dict[str, torch.Tensor]) -> None:

@@ -64,30 +64,46 @@ class _GroupSharded(nn.Module):
                 bound = 1 / math.sqrt(w[0].numel())
                 nn.init.uniform_(self._bias(i), -bound, bound)
 
-    def to_full(self) -> dict[str, torch.Tensor]:
+    def to_full(self, value_of=None) -> dict[str, torch.Tensor]:
         """The single-device twin's parameters (CPU): every group's rows stacked in group order.
 
-        A collective under the distributed placement: every rank of the group must call it.
+        ``value_of(param)`` substitutes a tensor of the parameter's shape (e.g. its gradient or
+        an optimizer's momentum buffer), which then maps exactly like the weights. A collective
+        under the distributed placement: every rank of the group must call it.
         """
-        out = {"weight": self.placement.assemble_rows([w.detach() for w in self.weights])}
+        value_of = value_of or (lambda p: p.detach())
+        out = {"weight": self.placement.assemble_rows([value_of(w) for w in self.weights])}
         if len(self.biases):
-            out["bias"] = self.placement.assemble_rows([b.detach() for b in self.biases])
+            out["bias"] = self.placement.assemble_rows([value_of(b) for b in self.biases])
+        return out
+
+    def slices_of(self, full: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+        """Each local parameter's rows of the twin's ``{"weight", "bias"}``, on the parameter's device.
+
+        ``full["weight"]`` may have any shape with the twin's number of elements per row
+        (a grouped fc's twin is a grouped 1x1 convolution, for instance).
+        """
+        rows = sum(self.group_out)
+        expected = (rows, *self.weights[0].shape[1:])
+        weight = full["weight"]
+        if weight.shape[0] != rows or weight[0].numel() != self.weights[0][0].numel():
+            raise ValueError(f"{self.name}: weight of shape {tuple(weight.shape)} does not fit {expected}")
+        if ("bias" in full) != bool(len(self.biases)):
+            raise ValueError(f"{self.name}: the layer {'has' if len(self.biases) else 'has no'} bias, the state "
+                             f"{'has' if 'bias' in full else 'has no'} bias")
+        out = {}
+        for i, (lo, hi) in enumerate(self.slot_rows):
+            w = self.weights[i]
+            out[w] = weight[lo:hi].reshape(w.shape).to(w.device)
+            if len(self.biases):
+                out[self.biases[i]] = full["bias"][lo:hi].to(self.biases[i].device)
         return out
 
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
         """Copy this process's rows of the twin's ``{"weight", "bias"}`` into the shards (exact slices)."""
-        expected = (sum(self.group_out), *self.weights[0].shape[1:])
-        if tuple(full["weight"].shape) != expected:
-            raise ValueError(f"{self.name}: weight of shape {tuple(full['weight'].shape)} does not fit "
-                             f"{expected}")
-        if ("bias" in full) != bool(len(self.biases)):
-            raise ValueError(f"{self.name}: the layer {'has' if len(self.biases) else 'has no'} bias, the state "
-                             f"{'has' if 'bias' in full else 'has no'} bias")
         with torch.no_grad():
-            for i, (lo, hi) in enumerate(self.slot_rows):
-                self.weights[i].copy_(full["weight"][lo:hi].to(self.weights[i].device))
-                if len(self.biases):
-                    self.biases[i].copy_(full["bias"][lo:hi].to(self.biases[i].device))
+            for p, value in self.slices_of(full).items():
+                p.copy_(value)
 
     def _inputs(self, x, dim: int = 1) -> list[torch.Tensor]:
         """The tensor each slot computes from: its own maps, all groups' maps, or the replicated input."""

@@ -161,11 +161,13 @@ class LocalPlacement:
                       group_sizes: list[int] | None = None) -> torch.Tensor:
         """Concatenate all groups' outputs onto ``output_device``, where the loss is computed once.
 
-        Only group 0 receives (the other groups' shares), and sends gradients back.
+        Counted by the rule both placements share for a replicated consumer: every group
+        receives the other groups' shares (one process per group does exactly that, so each
+        computes the loss), and the backward pass moves nothing (each keeps its own slice).
         """
         sizes = group_sizes or split_sizes(sum(s.shape[dim] for s in shards), self.groups)
-        nbytes = received_bytes(_nbytes(shards), sizes, [0])
-        self.counter.record(name, nbytes, nbytes)
+        nbytes = received_bytes(_nbytes(shards), sizes, list(range(self.groups)))
+        self.counter.record(name, nbytes, 0)
         return gather_to_devices(shards, [self.output_device], dim)[0]
 
     def assemble_rows(self, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -66,6 +66,11 @@ def test_distributed_matches_local_and_reference(tmp_path, world, groups):
     for name, per_image in spec.cross_group_bytes_per_image().items():
         assert got["counted"][f"{name}/fwd"] == got["replica_batch"] * per_image
         assert got["counted"][f"{name}/bwd"] == got["replica_batch"] * per_image
+    # one counting rule for both placements, the logits included
+    local = GroupAlexNet(spec, LocalPlacement(groups, ["cpu"] * groups))
+    F.cross_entropy(local(torch.randn(got["replica_batch"], 1, 32, 32)), torch.zeros(got["replica_batch"],
+                                                                                     dtype=torch.long)).backward()
+    assert local.placement.counter.snapshot() == got["counted"]
 
 
 def test_uneven_features_chain_over_four_ranks(tmp_path):

@@ -62,6 +62,7 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
     seen = carry["seen"]
     stopped = False
     vote = None
+    comm_bytes = None
     # set on the device when a loss is not finite; read where the host reads anyway (log steps, epoch end)
     diverged = torch.zeros((), dtype=torch.bool, device=device)
     start = time.perf_counter()
@@ -90,6 +91,9 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
             diverged |= ~torch.isfinite(loss.detach())
         seen += images.shape[0]
         step += 1
+        if comm_bytes is None:
+            # the exchange volume of a full batch (an epoch's last batch may be smaller)
+            comm_bytes = placement.counter.total()
         if step % log_every == 0:
             # every rank of one replica sees the same loss; with replicas, only the reduced epoch sums agree
             if placement.num_replicas == 1 and diverged.item():
@@ -118,6 +122,7 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
     return {"train_loss": (sums[0] / sums[3]).item(), "train_top1_err": 100.0 * (sums[1] / sums[3]).item(),
             "train_top5_err": 100.0 * (sums[2] / sums[3]).item(),
             "images_per_s": seen * placement.num_replicas / elapsed, "train_s": elapsed, "step": step,
+            "comm_bytes_per_step": comm_bytes or 0,
             "stopped": stopped, "partial": partial}
 
 

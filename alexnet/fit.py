@@ -138,7 +138,7 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
             raise TrainingDiverged(f"{e}, epoch {epoch + 1}: nothing of this epoch is saved and {kept}; lower "
                                    f"optim.lr (it is {o['lr']:g}) or check the data") from None
         bar.close()
-        mb_per_step = placement.counter.total() / 1e6
+        mb_per_step = result["comm_bytes_per_step"] / 1e6
         step = result["step"]
         epoch_step = skip + step - step_before
         skip, carry = 0, None

@@ -62,14 +62,14 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
     lock = rundir.claim(cfg["run"]["dir"], resuming=bool(resume_path) or resume == "latest",
                         overwrite=cfg["run"]["overwrite"], lock=placement.is_main)
     try:
-        return _fit(cfg, resume_path, stop_after_epoch, should_stop, placement, quiet)
+        return _fit(cfg, resume_path, stop_after_epoch, should_stop, placement, quiet, say)
     finally:
         if lock is not None:
             lock.close()
 
 
 def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, should_stop, placement,
-         quiet: bool) -> dict:
+         quiet: bool, say) -> dict:
     torch.manual_seed(cfg["run"]["seed"])
     accel.set_determinism(cfg["run"]["deterministic"])
     spec, placement, model, optimizer = build_run(cfg, placement)
@@ -92,7 +92,7 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         last_record = None
     log = RunLog(run_dir, placement.is_main, start_epoch, step, last_record)
     log.layout()
-    say = print if placement.is_main and not quiet else (lambda *a, **k: None)
+    best_val = min((m["val_top1_err"] for m in log.history()), default=math.inf)  # for best.pt
     per_replica = max(1, train_loader.batch_size // placement.num_replicas)
     batch_shape = (per_replica, spec.in_channels, spec.input_size, spec.input_size)
     runner = accel.prepare(model, cfg, placement, batch_shape, say=say)
@@ -163,8 +163,8 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         record["conv1_corr_within"], record["conv1_corr_between"] = within_between_correlation(weights, spec.groups)
         checkpoint(epoch + 1, weights=weights, record=record)
         last_record = record  # what a mid-epoch checkpoint of the next epoch carries
-        if placement.is_main and record["val_top1_err"] <= min(
-                [m["val_top1_err"] for m in log.history()] or [math.inf]):
+        if placement.is_main and record["val_top1_err"] <= best_val:
+            best_val = record["val_top1_err"]
             ckpt_io.copy_atomic(os.path.join(run_dir, "checkpoints", "last.pt"),
                                 os.path.join(run_dir, "checkpoints", "best.pt"))
         log.epoch(record)

@@ -241,9 +241,9 @@ class DeviceDecodeLoader(SamplerLoader):
     def _batches(self):
         for i, batch in enumerate(self.loader, start=self.sampler.skip):
             images, keep = decode_batch(batch, self.device)
-            labels = torch.tensor([batch.entries[j][3] for j in keep])
             if not images:
                 continue
+            labels = torch.tensor([batch.entries[j][3] for j in keep])
             if self.train:
                 gen = epoch_generator(self.seed, self.sampler.epoch, stream=1 + i)
                 yield train_batch(images, self.size, self.pca_std, gen), labels

@@ -11,7 +11,6 @@ fastest wins. Results are cached per (device, dtype, memory format, shapes) in t
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -92,17 +91,3 @@ def choose_conv_formulations(model: torch.nn.Module, run_forward, cache: dict | 
         layer.formulation = min(ms, key=ms.get)
         records.append({"layer": layer.name, "choice": layer.formulation, "ms": dict(ms), "cached": cached})
     return records
-
-
-@contextlib.contextmanager
-def formulation(model: torch.nn.Module, name: str):
-    """Temporarily force one formulation on every GroupConv2d (benchmarks, tests)."""
-    layers = [m for m in model.modules() if isinstance(m, GroupConv2d)]
-    before = [m.formulation for m in layers]
-    for m in layers:
-        m.formulation = name
-    try:
-        yield
-    finally:
-        for m, f in zip(layers, before):
-            m.formulation = f

@@ -88,10 +88,9 @@ def make_models(spec, setting: Setting, compile_too: bool, x) -> tuple[dict, lis
               "ours/tLRN": setting.prepare(GroupAlexNet(spec, LocalPlacement(spec.groups, slot),
                                                         lrn_module=nn.LocalResponseNorm)),
               "reference": setting.prepare(ReferenceAlexNet(spec))}
-    for m in ("ours/tLRN",):
-        for layer, chosen in zip(models[m].modules(), ours.modules()):
-            if hasattr(layer, "formulation"):
-                layer.formulation = chosen.formulation
+    for layer, chosen in zip(models["ours/tLRN"].modules(), ours.modules()):  # same choices, other LRN
+        if hasattr(layer, "formulation"):
+            layer.formulation = chosen.formulation
     if spec.input_size >= 63 and spec.in_channels == 3:
         from torchvision.models import alexnet
         models["torchvision"] = setting.prepare(alexnet(num_classes=spec.num_classes))

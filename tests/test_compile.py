@@ -44,3 +44,26 @@ def test_compiled_equals_eager_forward_backward_and_counts_bytes_without_recompi
             model.placement.counter.reset()
             compiled(x).sum().backward()
             assert model.placement.counter.snapshot() == eager_bytes
+
+
+def test_cuda_speed_settings_run_on_cpu_tensors(monkeypatch):
+    """accel.prepare's CUDA branch (NHWC weights, conv formulation timing), driven on the CPU."""
+    from alexnet import accel
+    from alexnet.config import load
+    monkeypatch.setattr(accel, "on_cuda", lambda placement: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored afterwards
+    cfg = load("configs/smoke.yaml", ["model.groups=4", "model.conv_channels=[12,24,36,36,24]",
+                                      "model.fc_widths=[48,48]", "train.conv_formulation=auto",
+                                      "train.channels_last=true"])
+    model = _model(4, ["cpu"])
+    model.eval()
+    x = torch.randn(3, 1, 32, 32)
+    expected = model(x)
+    said = []
+    runner = accel.prepare(model, cfg, model.placement, (3, 1, 32, 32), say=said.append)
+    assert runner is model and torch.backends.cudnn.benchmark
+    conv2 = model.weight_layers["conv2"]
+    assert conv2.weights[0].is_contiguous(memory_format=torch.channels_last)
+    assert [line.split(":")[0] for line in said] == ["conv2", "conv4", "conv5"]
+    assert conv2.formulation in ("grouped", "split") and conv2.formulation in said[0]
+    assert_close(model(x.contiguous(memory_format=torch.channels_last)), expected)

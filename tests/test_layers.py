@@ -157,20 +157,22 @@ def test_gather_counts_bytes_both_directions():
     assert torch.equal(xs[0].grad, torch.full((4, 3), 2.0))
 
 
-def test_split_formulation_equals_grouped_conv_forward_and_backward():
-    pl = LocalPlacement(4, ["cpu", "cpu"])
-    layer = GroupConv2d(pl, 8, 12, 3, padding=1, input_mode="own")
-    ref = nn.Conv2d(8, 12, 3, padding=1, groups=4)
-    with torch.no_grad():
-        ref.weight.copy_(torch.cat(list(layer.weights)))
-        ref.bias.copy_(torch.cat(list(layer.biases)))
-    x = torch.randn(2, 8, 5, 5, requires_grad=True)
-    layer.formulation = "split"
+def assert_conv_equals_twin(layer, pl, ref, x):
+    """The sharded conv, loaded with the twin's weights, gives the twin's output and input gradient."""
+    layer.load_full({k: v.detach() for k, v in ref.state_dict().items()})
+    x = x.requires_grad_(True)
     y = torch.cat(layer(shard(x, pl)), 1)
     assert_close(y, ref(x))
     g, = torch.autograd.grad(y.square().sum(), x)
     g_ref, = torch.autograd.grad(ref(x).square().sum(), x)
     assert_close(g, g_ref)
+
+
+def test_split_formulation_equals_grouped_conv_forward_and_backward():
+    pl = LocalPlacement(4, ["cpu", "cpu"])
+    layer = GroupConv2d(pl, 8, 12, 3, padding=1, input_mode="own")
+    layer.formulation = "split"
+    assert_conv_equals_twin(layer, pl, nn.Conv2d(8, 12, 3, padding=1, groups=4), torch.randn(2, 8, 5, 5))
 
 
 def test_conv_formulation_tuner_decides_each_grouped_layer_and_caches():
@@ -195,14 +197,8 @@ def test_conv_with_tuple_geometry_dilation_and_no_bias_equals_torch(devices):
     layer = GroupConv2d(pl, 4, 6, (3, 1), stride=(2, 1), padding=(2, 0), dilation=(2, 1), bias=False,
                         input_mode="own")
     ref = nn.Conv2d(4, 6, (3, 1), stride=(2, 1), padding=(2, 0), dilation=(2, 1), groups=2, bias=False)
-    layer.load_full({"weight": ref.weight.detach()})
+    assert_conv_equals_twin(layer, pl, ref, torch.randn(2, 4, 7, 5))
     assert set(layer.to_full()) == {"weight"} and torch.equal(layer.to_full()["weight"], ref.weight.detach())
-    x = torch.randn(2, 4, 7, 5, requires_grad=True)
-    y = torch.cat(layer(shard(x, pl)), 1)
-    assert_close(y, ref(x))
-    g, = torch.autograd.grad(y.square().sum(), x)
-    g_ref, = torch.autograd.grad(ref(x).square().sum(), x)
-    assert_close(g, g_ref)
 
 
 def test_linear_without_bias_and_full_state_round_trip():

@@ -91,12 +91,12 @@ def run_evaluate(args) -> dict:
     ckpt = ckpt_io.load(args.evaluate)
     cfg = load(args.config, args.overrides) if args.config else apply_overrides(ckpt["config"], args.overrides)
     ckpt_io.check_compatible(ckpt, cfg["model"], args.evaluate)
-    _, placement, model, _ = build_run(cfg)
+    _, placement, runtime, model, _ = build_run(cfg)
     model.load_reference(ckpt["model"])
-    _, val_loader = data_from_config(cfg, placement)
-    result = evaluate(model, val_loader, placement, cfg["train"]["precision"])
+    _, val_loader = data_from_config(cfg, placement, runtime)
+    result = evaluate(model, val_loader, placement, runtime, cfg["train"]["precision"])
     result["epoch"] = ckpt["epoch"]
-    if placement.is_main:
+    if runtime.is_main:
         print(json.dumps(result, indent=2))
     return result
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from alexnet.spec import AlexNetSpec
-from parallel import LocalPlacement
+from parallel import LocalPlacement, LocalRuntime
 
 
 def spec_from_config(cfg: dict) -> AlexNetSpec:
@@ -17,19 +18,44 @@ def wants_distributed(cfg: dict) -> bool:
     return mode == "distributed" or (mode == "auto" and launched)
 
 
-def placement_from_config(cfg: dict):
-    groups = cfg["model"]["groups"]
+@dataclass
+class Where:
+    """Where a run's layers live and how its processes coordinate.
+
+    placement     the groups of the conv layers (and of every layer, unless fc_placement)
+    runtime       replicas and processes: what the training loop talks to
+    fc_placement  hybrid only: the fc layers, split over the ranks by output features
+    rows          hybrid only: the row exchange between the two halves
+    """
+    placement: object
+    runtime: object
+    fc_placement: object = None
+    rows: object = None
+
+
+def placement_from_config(cfg: dict, spec: AlexNetSpec | None = None) -> Where:
+    """Where the groups live, and how this process coordinates with others.
+
+    Slots (devices, or ranks per replica) must divide every layer's group count, so the
+    placement is built for the spec's ``slot_groups`` (G itself when every layer has G).
+    """
+    slot_groups = (spec or spec_from_config(cfg)).slot_groups
+    p = cfg["parallel"]
+    if p["placement"] == "hybrid":
+        from parallel.hybrid import init_hybrid_from_env
+        conv, fc, rows, runtime = init_hybrid_from_env(slot_groups, p["backend"], p["timeout_s"])
+        return Where(conv, runtime, fc, rows)
     if wants_distributed(cfg):
-        from parallel.distributed import DistributedPlacement
-        return DistributedPlacement.from_env(groups, cfg["parallel"]["backend"], cfg["parallel"]["timeout_s"])
-    return LocalPlacement(groups, cfg["parallel"]["devices"])
+        from parallel.distributed import init_from_env
+        return Where(*init_from_env(slot_groups, p["backend"], p["timeout_s"]))
+    return Where(LocalPlacement(slot_groups, p["devices"]), LocalRuntime())
 
 
-def data_from_config(cfg: dict, placement):
+def data_from_config(cfg: dict, placement, runtime):
     """(train, val) loaders for this process's data replica."""
     d, m, seed = cfg["data"], cfg["model"], cfg["run"]["seed"]
     common = dict(batch_size=d["batch_size"], val_batch_size=d["val_batch_size"], seed=seed,
-                  replica=placement.replica, num_replicas=placement.num_replicas)
+                  replica=runtime.replica, num_replicas=runtime.num_replicas)
     device = placement.input_device  # in-memory data lives where the first layer reads it
     if d["dataset"] == "fake":
         from data import fake

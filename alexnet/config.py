@@ -12,9 +12,11 @@ import re
 
 import yaml
 
+from alexnet.spec import groups_label
+
 DEFAULTS: dict = {
     "model": {
-        "groups": 2,                 # G, the number of filter groups
+        "groups": 2,                 # G, the number of filter groups; or one per conv layer, e.g. [2, 4, 4, 2, 2]
         "num_classes": 1000,
         "in_channels": 3,
         "input_size": 227,           # square input; 227 makes the paper's conv1 give 55x55
@@ -24,6 +26,7 @@ DEFAULTS: dict = {
         "paddings": [0, 2, 1, 1, 1],
         "fc_widths": [4096, 4096],   # fc6, fc7 (fc8 has num_classes)
         "cross_group": ["conv3", "fc6", "fc7", "fc8"],  # layers that see every group's input
+        "exchange": {},              # per-layer override: {conv3: shuffle}; all | own | shuffle
         "lrn": True,                 # paper LRN after conv1 and conv2 (k=2, n=5, alpha=1e-4, beta=0.75)
         "dropout": 0.5,              # on fc6 and fc7
         "init": "paper",             # paper | caffe | kaiming
@@ -67,7 +70,8 @@ DEFAULTS: dict = {
         "fake_val_samples": 256,
     },
     "parallel": {
-        "placement": "auto",         # local | distributed | auto (distributed when launched by torchrun)
+        "placement": "auto",         # local | distributed | hybrid | auto (distributed when launched by torchrun);
+                                     # hybrid: convs data-parallel, fc layers split over ranks (torchrun)
         "devices": ["auto"],         # local: one slot per entry (cpu, cuda:0, ...); [auto]: one per GPU, at most G
         "backend": "auto",           # distributed: nccl with CUDA, else gloo
         "timeout_s": 600,            # distributed: how long a collective (or start-up) may wait for a peer
@@ -83,10 +87,14 @@ DEFAULTS: dict = {
 
 # Keys whose default is None, and what they accept.
 NULLABLE = {"data.root": str, "run.dir": str}
+# Keys that take one int or a list of ints (one per conv layer).
+INT_OR_LIST = {"model.groups"}
+# Mappings whose keys are checked where they are used (model.exchange: layer -> exchange, by the spec).
+OPEN_MAPS = {"model.exchange"}
 CHOICES = {"model.init": ("paper", "caffe", "kaiming"), "optim.schedule": ("paper", "step", "cosine", "constant"),
            "data.dataset": ("fashion_mnist", "imagefolder", "fake"), "train.precision": ("fp32", "bf16"),
            "train.conv_formulation": ("auto", "grouped", "split"), "data.decode": ("auto", "cpu", "gpu"),
-           "parallel.placement": ("local", "distributed", "auto"), "parallel.backend": ("auto", "nccl", "gloo")}
+           "parallel.placement": ("local", "distributed", "hybrid", "auto"), "parallel.backend": ("auto", "nccl", "gloo")}
 
 
 # Allowed ranges: (low, low inclusive, high, high inclusive); None = unbounded.
@@ -146,6 +154,10 @@ def _check_range(path: str, value) -> None:
 def _check_type(path: str, value, default):
     if value is None and path in NULLABLE:
         return None
+    if path in INT_OR_LIST and isinstance(value, list):
+        if not value or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value):
+            raise ConfigError(f"{path}: expected an int >= 1 or a list of them, got {value!r}")
+        return value
     expected = NULLABLE.get(path, type(default))
     if expected is float:
         value = _as_float(value)
@@ -174,7 +186,12 @@ def merge(base: dict, override: dict, defaults: dict = DEFAULTS, prefix: str = "
         path = f"{prefix}{key}"
         if key not in defaults:
             raise ConfigError(f"unknown config key {path!r}{_closest(path, _flat_keys(DEFAULTS))}")
-        if isinstance(defaults[key], dict):
+        if path in OPEN_MAPS:
+            if not isinstance(value, dict) or any(not isinstance(v, str) for v in value.values()):
+                raise ConfigError(f"{path}: expected a mapping of names to strings, e.g. {{conv3: shuffle}}, "
+                                  f"got {value!r}")
+            out[key] = {**out[key], **value}
+        elif isinstance(defaults[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: expected a section of keys, got {value!r}")
             out[key] = merge(out[key], value, defaults[key], path + ".")
@@ -239,13 +256,22 @@ def family_of(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0] if parent == "configs" else parent
 
 
+def run_name(path: str | None, cfg: dict) -> str:
+    """g<G> for a plain G file or a config on its own (g2.yaml --set model.groups=4: g4; smoke.yaml: g2),
+    else the family member's file name (g4_shuffle, root)."""
+    stem = os.path.splitext(os.path.basename(path))[0] if path else ""
+    if path and family_of(path) != stem and not re.fullmatch(r"g\d+", stem):
+        return stem
+    return f"g{groups_label(cfg['model']['groups'])}"
+
+
 def load(path: str | None, overrides: list[str] | None = None) -> dict:
     """The resolved config: defaults <- YAML (with its parents) <- --set overrides."""
     cfg = read_yaml(path) if path else copy.deepcopy(DEFAULTS)
     cfg = apply_overrides(cfg, overrides or [])
     if cfg["run"]["dir"] is None:
         family = family_of(path) if path else "default"
-        cfg["run"]["dir"] = os.path.join("runs", family, f"g{cfg['model']['groups']}-s{cfg['run']['seed']}")
+        cfg["run"]["dir"] = os.path.join("runs", family, f"{run_name(path, cfg)}-s{cfg['run']['seed']}")
     return cfg
 
 

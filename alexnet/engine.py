@@ -43,7 +43,7 @@ def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) ->
     return images
 
 
-def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, step: int, seed: int = 0,
+def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoch: int, step: int, seed: int = 0,
                     precision: str = "fp32", progress=None, on_log=None, log_every: int = 50,
                     should_stop=lambda: False, carry: dict | None = None, channels_last: bool = False) -> dict:
     """Forward, backward, step over the loader; returns epoch metrics and the new global step.
@@ -58,7 +58,7 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
     carry = carry or {"sums": [0.0] * 4, "seen": 0, "train_s": 0.0}
     # loss*n, top1 wrong, top5 wrong, n. A carried partial epoch is already summed over
     # replicas, so only replica 0 starts from it.
-    sums = torch.tensor(carry["sums"] if placement.replica == 0 else [0.0] * 4, device=device, dtype=torch.float64)
+    sums = torch.tensor(carry["sums"] if runtime.replica == 0 else [0.0] * 4, device=device, dtype=torch.float64)
     seen = carry["seen"]
     stopped = False
     vote = None
@@ -67,7 +67,7 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
     diverged = torch.zeros((), dtype=torch.bool, device=device)
     start = time.perf_counter()
     for images, labels in loader:
-        torch.manual_seed(step_seed(seed, step, placement.process_index))
+        torch.manual_seed(step_seed(seed, step, runtime.process_index))
         lr = schedule.lr(step, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -78,7 +78,7 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        placement.sync_gradients(model.parameters())
+        runtime.sync_gradients(model.parameters())
         optimizer.step()
         with torch.no_grad():
             wrong1, wrong5 = topk_wrong(logits, labels)
@@ -96,7 +96,7 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
             comm_bytes = placement.counter.total()
         if step % log_every == 0:
             # every rank of one replica sees the same loss; with replicas, only the reduced epoch sums agree
-            if placement.num_replicas == 1 and diverged.item():
+            if runtime.num_replicas == 1 and diverged.item():
                 raise TrainingDiverged(f"the training loss became NaN or infinite by step {step} (lr {lr:.3g})")
             running = (sums[0] / sums[3]).item()
             if on_log:
@@ -108,26 +108,26 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, epoch: int, s
         if vote is not None and vote():
             stopped = True
             break
-        vote = placement.any_rank_async(should_stop())
+        vote = runtime.any_rank_async(should_stop())
     else:
         # the last vote is read too, so every rank takes part in the same collectives
         stopped = vote is not None and vote()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = carry["train_s"] + time.perf_counter() - start
-    sums = placement.all_reduce_sum(sums)
+    sums = runtime.all_reduce_sum(sums)
     if not torch.isfinite(sums).all():
         raise TrainingDiverged(f"the training loss became NaN or infinite in this epoch (by step {step})")
     partial = {"sums": sums.tolist(), "seen": seen, "train_s": elapsed}
     return {"train_loss": (sums[0] / sums[3]).item(), "train_top1_err": 100.0 * (sums[1] / sums[3]).item(),
             "train_top5_err": 100.0 * (sums[2] / sums[3]).item(),
-            "images_per_s": seen * placement.num_replicas / elapsed, "train_s": elapsed, "step": step,
+            "images_per_s": seen * runtime.num_replicas / elapsed, "train_s": elapsed, "step": step,
             "comm_bytes_per_step": comm_bytes or 0,
             "stopped": stopped, "partial": partial}
 
 
 @torch.no_grad()
-def evaluate(model, loader, placement, precision: str = "fp32", channels_last: bool = False) -> dict:
+def evaluate(model, loader, placement, runtime, precision: str = "fp32", channels_last: bool = False) -> dict:
     """Top-1/top-5 error (percent) and loss over the whole loader; 10-crop batches are averaged."""
     model.eval()
     device = placement.output_device
@@ -148,7 +148,7 @@ def evaluate(model, loader, placement, precision: str = "fp32", channels_last: b
         sums[1] += wrong1
         sums[2] += wrong5
         sums[3] += labels.shape[0]
-    sums = placement.all_reduce_sum(sums)
+    sums = runtime.all_reduce_sum(sums)
     n = sums[3].item()
     return {"val_loss": (sums[0] / n).item(), "val_top1_err": 100.0 * (sums[1] / n).item(),
             "val_top5_err": 100.0 * (sums[2] / n).item(), "val_samples": int(n)}

@@ -21,18 +21,24 @@ from alexnet.model import GroupAlexNet
 from alexnet.schedule import LRSchedule
 
 
-def build_run(cfg: dict, placement=None):
-    """Spec, placement, model (initialised from the seed), optimizer: everything but data."""
+def build_run(cfg: dict, where=None):
+    """Spec, placement, runtime, model (initialised from the seed), optimizer: everything but data.
+
+    ``where``: an ``alexnet.build.Where`` already made, else one from the config.
+    """
     spec = spec_from_config(cfg)
-    placement = placement or placement_from_config(cfg)
-    model = GroupAlexNet(spec, placement)
+    where = where or placement_from_config(cfg, spec)
+    placement, runtime = where.placement, where.runtime
+    model = GroupAlexNet(spec, placement, fc_placement=where.fc_placement, rows=where.rows)
+    if where.rows is not None:
+        runtime.set_sharded(model.model_parallel_parameters())
     model.load_reference(init_reference_state(spec, cfg["run"]["seed"]))
     o = cfg["optim"]
     # fused: one kernel for the whole update on CUDA, instead of a few per parameter
     fused = True if accel.on_cuda(placement) else None
     optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
                                 fused=fused)
-    return spec, placement, model, optimizer
+    return spec, placement, runtime, model, optimizer
 
 
 def resolve_resume(resume: str | None, run_dir: str, say=print) -> str | None:
@@ -50,31 +56,32 @@ def resolve_resume(resume: str | None, run_dir: str, say=print) -> str | None:
 
 
 def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = None, should_stop=lambda: False,
-        placement=None, quiet: bool = False) -> dict:
+        quiet: bool = False) -> dict:
     """Train as the config says; returns the summary (also written to summary.json).
 
     The run directory is checked and locked first (``alexnet.rundir``): a folder that holds
     a run is only continued with ``resume``, and never by two processes at once.
     """
-    placement = placement or placement_from_config(cfg)
-    say = print if placement.is_main and not quiet else (lambda *a, **k: None)
+    where = placement_from_config(cfg)
+    runtime = where.runtime
+    say = print if runtime.is_main and not quiet else (lambda *a, **k: None)
     resume_path = resolve_resume(resume, cfg["run"]["dir"], say)
     lock = rundir.claim(cfg["run"]["dir"], resuming=bool(resume_path) or resume == "latest",
-                        overwrite=cfg["run"]["overwrite"], lock=placement.is_main)
+                        overwrite=cfg["run"]["overwrite"], lock=runtime.is_main)
     try:
-        return _fit(cfg, resume_path, stop_after_epoch, should_stop, placement, quiet, say)
+        return _fit(cfg, resume_path, stop_after_epoch, should_stop, where, quiet, say)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, should_stop, placement,
+def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, should_stop, where,
          quiet: bool, say) -> dict:
     torch.manual_seed(cfg["run"]["seed"])
     accel.set_determinism(cfg["run"]["deterministic"])
-    spec, placement, model, optimizer = build_run(cfg, placement)
+    spec, placement, runtime, model, optimizer = build_run(cfg, where)
     run_dir = cfg["run"]["dir"]
-    train_loader, val_loader = data_from_config(cfg, placement)
+    train_loader, val_loader = data_from_config(cfg, placement, runtime)
     o, t = cfg["optim"], cfg["train"]
     schedule = LRSchedule(o["schedule"], o["lr"], t["epochs"], len(train_loader), o["patience"], o["max_drops"],
                           o["step_size"], o["gamma"], o["warmup_epochs"])
@@ -90,14 +97,14 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         last_record = ckpt.get("record")
     else:
         last_record = None
-    log = RunLog(run_dir, placement.is_main, start_epoch, step, last_record)
+    log = RunLog(run_dir, runtime.is_main, start_epoch, step, last_record)
     log.layout()
     best_val = min((m["val_top1_err"] for m in log.history()), default=math.inf)  # for best.pt
-    per_replica = max(1, train_loader.batch_size // placement.num_replicas)
+    per_replica = max(1, train_loader.batch_size // runtime.num_replicas)
     batch_shape = (per_replica, spec.in_channels, spec.input_size, spec.input_size)
     runner = accel.prepare(model, cfg, placement, batch_shape, say=say)
     channels_last = accel.on_cuda(placement) and t["channels_last"]
-    if placement.is_main:
+    if runtime.is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(dump(cfg))
     mb_per_step = 0.0
@@ -112,20 +119,20 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
                  "model": weights if weights is not None else ckpt_io.model_state(model),
                  "optimizer": ckpt_io.optimizer_state(model, optimizer),
                  "schedule": schedule.state_dict(), "wall_s": wall_before + time.perf_counter() - run_start}
-        if placement.is_main:
+        if runtime.is_main:
             ckpt_io.save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
-        placement.barrier()
+        runtime.barrier()
 
     for epoch in range(start_epoch, t["epochs"]):
         train_loader.set_epoch(epoch, skip)
         epoch_start = time.perf_counter()
         # disable=None: no bar when stderr is not a terminal (log files, pipes), so errors stay one line
         bar = tqdm(total=len(train_loader), initial=skip, desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
-                   disable=True if quiet or not placement.is_main else None, leave=False, dynamic_ncols=True)
+                   disable=True if quiet or not runtime.is_main else None, leave=False, dynamic_ncols=True)
         placement.counter.reset()
         step_before = step
         try:
-            result = train_one_epoch(runner, train_loader, optimizer, schedule, placement, epoch, step,
+            result = train_one_epoch(runner, train_loader, optimizer, schedule, placement, runtime, epoch, step,
                                      cfg["run"]["seed"], t["precision"], progress=bar, log_every=t["log_every"],
                                      should_stop=should_stop, carry=carry, channels_last=channels_last,
                                      on_log=lambda s, loss, lr: (log.scalar("train/loss", loss, s),
@@ -147,51 +154,51 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
             checkpoint(epoch, epoch_step, result["partial"])
             stopped = True
             break
-        val = evaluate(runner, val_loader, placement, t["precision"], channels_last)
+        val = evaluate(runner, val_loader, placement, runtime, t["precision"], channels_last)
         lr_used = schedule.lr(step - 1, epoch)
         schedule.end_epoch(val["val_top1_err"])
         record = {"epoch": epoch + 1, "step": step, "train_loss": result["train_loss"],
                   "train_top1_err": result["train_top1_err"], "train_top5_err": result["train_top5_err"],
                   "val_loss": val["val_loss"], "val_top1_err": val["val_top1_err"], "val_top5_err": val["val_top5_err"],
                   "lr": lr_used, "images_per_s": result["images_per_s"], "cross_group_mb_per_step": mb_per_step,
-                  "epoch_s": time.perf_counter() - epoch_start, "data_replicas": placement.num_replicas,
+                  "epoch_s": time.perf_counter() - epoch_start, "data_replicas": runtime.num_replicas,
                   "groups": spec.groups}
         # The checkpoint first, holding the epoch's record: metrics.jsonl never lists an epoch that no
         # checkpoint holds, and a crash between the two is repaired on resume (RunLog).
         weights = ckpt_io.model_state(model)
         # the seed's claim, tested every epoch: are conv1 filters of one group more alike than across groups?
-        record["conv1_corr_within"], record["conv1_corr_between"] = within_between_correlation(weights, spec.groups)
+        record["conv1_corr_within"], record["conv1_corr_between"] = within_between_correlation(weights, spec.layer_groups["conv1"])
         checkpoint(epoch + 1, weights=weights, record=record)
         last_record = record  # what a mid-epoch checkpoint of the next epoch carries
-        if placement.is_main and record["val_top1_err"] <= best_val:
+        if runtime.is_main and record["val_top1_err"] <= best_val:
             best_val = record["val_top1_err"]
             ckpt_io.copy_atomic(os.path.join(run_dir, "checkpoints", "last.pt"),
                                 os.path.join(run_dir, "checkpoints", "best.pt"))
         log.epoch(record)
-        if placement.is_main and not quiet:
+        if runtime.is_main and not quiet:
             print(f"epoch {epoch + 1}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "
                   f"{record['val_top1_err']:.2f}%  top-5 {record['val_top5_err']:.2f}%  lr {lr_used:.3g}  "
                   f"{record['images_per_s']:.0f} img/s  {record['epoch_s']:.1f}s", flush=True)
         every = t["filter_images_every"]
         if every and ((epoch + 1) % every == 0 or epoch + 1 == t["epochs"]):
-            log.filters(weights, spec.groups, epoch + 1)
+            log.filters(weights, spec.layer_groups["conv1"], epoch + 1)
         if result["stopped"]:
             stopped = True
             break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
-    history = log.history() if placement.is_main else []
+    history = log.history() if runtime.is_main else []
     finished = bool(history) and history[-1]["epoch"] == t["epochs"]
-    summary = make_summary(cfg, spec, placement, history, wall_before + time.perf_counter() - run_start, mb_per_step)
+    summary = make_summary(cfg, spec, placement, runtime, history, wall_before + time.perf_counter() - run_start, mb_per_step)
     summary["settings"] = run_settings(cfg, placement, train_loader.num_samples, val_loader.num_samples)
     summary["stopped"] = stopped
     if finished:
         log.summary(summary)
-        log.hparams({"groups": str(spec.groups), "seed": str(cfg["run"]["seed"]), "params": spec.params(),
-                     "macs": spec.macs(), "data_replicas": placement.num_replicas, "epochs": t["epochs"],
+        log.hparams({"groups": spec.label, "seed": str(cfg["run"]["seed"]), "params": spec.params(),
+                     "macs": spec.macs(), "data_replicas": runtime.num_replicas, "epochs": t["epochs"],
                      "lr": o["lr"], "batch_size": cfg["data"]["batch_size"], "data_limit": cfg["data"]["limit"],
                      "images_per_s": round(summary["images_per_s"])},
-                    {"groups": [str(g) for g in range(1, 5)] + ([str(spec.groups)] if spec.groups > 4 else []),
+                    {"groups": [str(g) for g in range(1, 5)] + ([spec.label] if spec.label not in ("1", "2", "3", "4") else []),
                      "seed": sorted({str(cfg["run"]["seed"]), *map(str, range(3))})},
                     ["epoch/val_top1_err", "epoch/val_top5_err", "epoch/train_loss", "epoch/images_per_s"])
     log.close()
@@ -226,10 +233,11 @@ def run_settings(cfg: dict, placement, train_samples: int, val_samples: int) -> 
             "commit": CODE_COMMIT}
 
 
-def make_summary(cfg: dict, spec, placement, history: list[dict], wall_s: float, mb_per_step: float) -> dict:
+def make_summary(cfg: dict, spec, placement, runtime, history: list[dict], wall_s: float, mb_per_step: float) -> dict:
     final = history[-1] if history else {}
     speeds = [h["images_per_s"] for h in history]
-    return {"groups": spec.groups, "seed": cfg["run"]["seed"], "data_replicas": placement.num_replicas,
+    return {"groups": spec.groups, "exchanges": spec.exchanges, "seed": cfg["run"]["seed"],
+            "data_replicas": runtime.num_replicas,
             "params": spec.params(), "macs": spec.macs(), "epochs": final.get("epoch", 0),
             "final_val_top1_err": final.get("val_top1_err", math.nan),
             "final_val_top5_err": final.get("val_top5_err", math.nan),

@@ -1,7 +1,9 @@
 """AlexNet with G filter groups built from parallel/ layers, and its mapping to the reference.
 
 The same code runs for every placement: the model only sees the placement's local slots
-and asks it to gather at the cross-group layers (default conv3, fc6, fc7, fc8).
+and asks it to exchange maps where the spec says (default: all-gather at conv3, fc6, fc7,
+fc8; ``model.exchange`` may make a layer ``own`` or ``shuffle``). Each layer has its own G
+(``model.groups`` may list one per conv layer).
 """
 from __future__ import annotations
 
@@ -18,23 +20,37 @@ class GroupAlexNet(nn.Module):
 
     Forward takes the image batch (any device) and returns the logits of all groups,
     concatenated in group order on the placement's output device.
+
+    The hybrid placement (``parallel.hybrid``) passes ``fc_placement`` (the fc layers split
+    by output features over the ranks) and ``rows`` (its row exchange): the conv part runs
+    on this rank's batch slice, fc6 reads every rank's conv features, and forward returns
+    the logits of this rank's rows only.
     """
 
-    def __init__(self, spec: AlexNetSpec, placement, lrn_module: type = FastLRN):
+    def __init__(self, spec: AlexNetSpec, placement, lrn_module: type = FastLRN, fc_placement=None, rows=None):
         super().__init__()
-        self.spec, self.placement = spec, placement
+        self.spec, self.placement, self.rows = spec, placement, rows
         self.layer_infos = spec.layers()
+        if rows is not None:
+            local = [i.name for i in self.layer_infos if i.kind == "fc" and i.exchange != "all"]
+            if local:
+                raise ValueError(f"the hybrid placement splits the fc layers by output features over ranks, so every "
+                                 f"fc layer must see all inputs; {', '.join(local)} do not: add them to "
+                                 "model.cross_group")
+        fc_placement = fc_placement or placement
         relu = PerGroup(placement, nn.ReLU(), channel_wise=True)
         lrn = PerGroup(placement, lrn_module(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K))
         pool = PerGroup(placement, nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE), channel_wise=True)
-        drop = PerGroup(placement, nn.Dropout(spec.dropout), channel_wise=True)
+        fc_relu = PerGroup(fc_placement, nn.ReLU(), channel_wise=True)
+        drop = PerGroup(fc_placement, nn.Dropout(spec.dropout), channel_wise=True)
         self.stages = nn.ModuleList()
+        self.fc_stages = nn.ModuleList()
         self.weight_layers: dict[str, nn.Module] = {}
-        for i, info in enumerate(self.layer_infos):
-            mode = "replicated" if i == 0 else ("all" if info.cross else "own")
+        for info in self.layer_infos:
+            mode = info.exchange
             if info.kind == "conv":
                 layer = GroupConv2d(placement, info.in_channels, info.out_channels, info.kernel, info.stride,
-                                    info.padding, mode, info.name)
+                                    info.padding, mode, info.name, groups=info.groups)
                 self.stages.append(layer)
                 self.stages.append(relu)
                 if spec.lrn and info.name in LRN_AFTER:
@@ -42,18 +58,33 @@ class GroupAlexNet(nn.Module):
                 if info.name in POOL_AFTER:
                     self.stages.append(pool)
             else:
-                layer = GroupLinear(placement, info.in_channels, info.out_channels, mode, info.name)
-                self.stages.append(layer)
+                hybrid_fc6 = rows is not None and info.name == "fc6"  # reads the gathered rows whole
+                layer = GroupLinear(fc_placement, info.in_channels, info.out_channels,
+                                    "replicated" if hybrid_fc6 else mode, info.name,
+                                    groups=fc_placement.num_slots if rows is not None else info.groups)
+                self.fc_stages.append(layer)
                 if info.name != "fc8":
-                    self.stages.extend([relu, drop])
+                    self.fc_stages.extend([fc_relu, drop])
             self.weight_layers[info.name] = layer
-        self.class_split = self.weight_layers["fc8"].group_out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images
         for stage in self.stages:
             x = stage(x)
-        return gather_output(self.placement, x, self.class_split)
+        if self.rows is None:
+            for stage in self.fc_stages:
+                x = stage(x)
+            return gather_output(self.fc_stages[0].placement, x)
+        (features,) = x.parts
+        sizes = self.rows.batch_sizes(features.shape[0])
+        x = self.rows.gather_rows(features.flatten(1), sizes, "fc6_rows")
+        for stage in self.fc_stages:
+            x = stage(x)
+        return self.rows.rows_of(x, sizes)
+
+    def model_parallel_parameters(self) -> list[nn.Parameter]:
+        """Parameters each process holds a different shard of under the hybrid placement (the fc layers)."""
+        return [p for stage in self.fc_stages for p in stage.parameters()] if self.rows is not None else []
 
     # --- mapping to the single-device reference (ReferenceAlexNet.state_dict() keys) ---
 
@@ -64,7 +95,7 @@ class GroupAlexNet(nn.Module):
 
     def _reference_weight_shape(self, name: str) -> tuple[int, ...]:
         info = next(i for i in self.layer_infos if i.name == name)
-        G = self.spec.groups
+        G = info.groups
         if info.kind == "conv":
             cin = info.in_channels // G if info.grouped else info.in_channels
             return (info.out_channels, cin, info.kernel, info.kernel)

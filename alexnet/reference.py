@@ -1,8 +1,9 @@
 """The single-device reference: the same AlexNet in plain torch, grouping done by torch.
 
-conv2/conv4/conv5 (when not cross-group) are ``nn.Conv2d(groups=G)``; cross-group layers
-are dense; LRN is applied to each group's channels separately; an fc layer that is not
-cross-group is a grouped 1x1 convolution. The model-parallel network must compute exactly
+conv2/conv4/conv5 (when not cross-group) are ``nn.Conv2d(groups=G)`` with each layer's own
+G; cross-group layers are dense; a shuffled layer is ``ChannelShuffle(G)`` then
+``nn.Conv2d(groups=G)``; LRN is applied to each group's channels separately; an fc layer
+that is not cross-group is a grouped 1x1 convolution. The model-parallel network must compute exactly
 this, and its weights map onto this module's state_dict by slicing output rows.
 """
 from __future__ import annotations
@@ -25,6 +26,19 @@ class GroupLRN(nn.Module):
         return self.lrn(x.reshape(n * self.groups, c // self.groups, h, w)).reshape(n, c, h, w)
 
 
+class ChannelShuffle(nn.Module):
+    """Group g receives the g-th 1/G slice of every group's maps: channel (h, g, c) -> (g, h, c),
+    with h the source group, g the destination group and c < C/G^2 the map inside the slice."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x):
+        G = self.groups
+        return x.unflatten(1, (G, G, -1)).transpose(1, 2).flatten(1, 3)
+
+
 class GroupedLinear(nn.Module):
     """Block-diagonal linear layer: a grouped 1x1 convolution over (N, F, 1)."""
 
@@ -42,7 +56,6 @@ class ReferenceAlexNet(nn.Module):
     def __init__(self, spec: AlexNetSpec):
         super().__init__()
         self.spec = spec
-        G = spec.groups
         self.layer_names = []
         # Every stage is registered in order (children() keeps insertion order), so
         # forward is a straight walk and train()/eval() reaches the dropout stages.
@@ -50,6 +63,9 @@ class ReferenceAlexNet(nn.Module):
             name = info.name
             self.layer_names.append(name)
             suffix = name[-1]
+            G = info.groups
+            if info.exchange == "shuffle":
+                self.add_module(f"shuffle{suffix}", ChannelShuffle(G))
             if info.kind == "conv":
                 self.add_module(name, nn.Conv2d(info.in_channels, info.out_channels, info.kernel, info.stride,
                                                 info.padding, groups=G if info.grouped else 1))

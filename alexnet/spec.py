@@ -3,10 +3,14 @@
 Layer order (Krizhevsky et al. 2012): conv1 -> relu -> lrn -> pool -> conv2 -> relu -> lrn
 -> pool -> conv3 -> relu -> conv4 -> relu -> conv5 -> relu -> pool -> fc6 -> relu ->
 dropout -> fc7 -> relu -> dropout -> fc8. conv1 sees the whole image in every group; a
-layer in ``cross_group`` sees every group's input maps, any other layer only its own.
+layer in ``cross_group`` sees every group's input maps, any other layer only its own,
+unless ``exchange`` says otherwise for it (``all``, ``own`` or ``shuffle``: the g-th 1/G
+slice of every group's maps). ``groups`` is one G for every layer or one per conv layer
+(a "root" topology such as [2, 4, 4, 2, 2]); the fc layers take conv5's.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 CONV_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -18,6 +22,12 @@ POOL_KERNEL, POOL_STRIDE = 3, 2
 # The paper's LRN (k=2, n=5, alpha=1e-4, beta=0.75); torch divides alpha by n, hence 5e-4.
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 5e-4, 0.75, 2.0
 INIT_SCHEMES = ("paper", "caffe", "kaiming")
+EXCHANGES = ("all", "own", "shuffle")
+
+
+def groups_label(groups) -> str:
+    """G as a name: 2, or a root topology's per-layer counts joined: 2-4-4-2-2."""
+    return "-".join(str(g) for g in groups) if isinstance(groups, (list, tuple)) else str(groups)
 
 
 class SpecError(ValueError):
@@ -35,7 +45,10 @@ class LayerInfo:
     stride: int
     padding: int
     cross: bool               # sees every group's input (all-gather before it)
-    grouped: bool             # block-diagonal over groups (own group's input only)
+    grouped: bool             # block-diagonal over groups (own or shuffled input)
+    groups: int               # this layer's G
+    exchange: str             # replicated (conv1), all, own or shuffle
+    input_groups: int         # G of the layer that produced its input
     in_shape: tuple[int, ...]  # (C, H, W) or (F,)
     out_shape: tuple[int, ...]
     params: int
@@ -45,7 +58,7 @@ class LayerInfo:
 
 @dataclass
 class AlexNetSpec:
-    groups: int = 2
+    groups: int | list[int] = 2
     num_classes: int = 1000
     in_channels: int = 3
     input_size: int = 227
@@ -55,6 +68,7 @@ class AlexNetSpec:
     paddings: list[int] = field(default_factory=lambda: [0, 2, 1, 1, 1])
     fc_widths: list[int] = field(default_factory=lambda: [4096, 4096])
     cross_group: list[str] = field(default_factory=lambda: ["conv3", "fc6", "fc7", "fc8"])
+    exchange: dict[str, str] = field(default_factory=dict)
     lrn: bool = True
     dropout: float = 0.5
     init: str = "paper"
@@ -62,10 +76,43 @@ class AlexNetSpec:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def conv_groups(self) -> list[int]:
+        return list(self.groups) if isinstance(self.groups, (list, tuple)) else [self.groups] * len(CONV_NAMES)
+
+    @property
+    def layer_groups(self) -> dict[str, int]:
+        """G of every weight layer; the fc layers take conv5's."""
+        conv = self.conv_groups
+        return {**dict(zip(CONV_NAMES, conv)), **{name: conv[-1] for name in FC_NAMES}}
+
+    @property
+    def slot_groups(self) -> int:
+        """The largest G every layer's count is a multiple of: the most slots (devices, ranks) the net fits."""
+        return math.gcd(*self.conv_groups)
+
+    @property
+    def label(self) -> str:
+        return groups_label(self.groups)
+
+    @property
+    def exchanges(self) -> str:
+        """Where groups exchange maps: "conv3 all, fc6 all, fc7 all, fc8 all" for the paper."""
+        return ", ".join(f"{i.name} {i.exchange}" for i in self.layers() if i.exchange in ("all", "shuffle")) \
+            or "none"
+
+    def exchange_of(self, name: str) -> str:
+        if name == "conv1":
+            return "replicated"
+        return self.exchange.get(name, "all" if name in self.cross_group else "own")
+
     def validate(self) -> None:
-        G = self.groups
-        if not 1 <= G:
-            raise SpecError(f"model.groups must be >= 1, got {G}")
+        if isinstance(self.groups, (list, tuple)):
+            if len(self.groups) != len(CONV_NAMES) or any(not isinstance(g, int) for g in self.groups):
+                raise SpecError(f"model.groups must be one number or {len(CONV_NAMES)} (one per conv layer, "
+                                f"e.g. [2, 4, 4, 2, 2]), got {self.groups}")
+        if min(self.conv_groups) < 1:
+            raise SpecError(f"model.groups must be >= 1, got {self.groups}")
         for key, n in (("conv_channels", 5), ("kernels", 5), ("strides", 5), ("paddings", 5), ("fc_widths", 2)):
             if len(getattr(self, key)) != n:
                 raise SpecError(f"model.{key} needs {n} entries (one per layer), got {getattr(self, key)}")
@@ -76,21 +123,40 @@ class AlexNetSpec:
         if bad:
             raise SpecError(f"model.cross_group: {bad} not allowed; choose from {list(CROSSABLE)} "
                             "(conv1 always sees the whole image)")
+        if not isinstance(self.exchange, dict):
+            raise SpecError(f"model.exchange must map layer names to one of {list(EXCHANGES)}, e.g. "
+                            f"{{conv3: shuffle}}; got {self.exchange!r}")
+        for name, how in self.exchange.items():
+            if name not in CROSSABLE:
+                raise SpecError(f"model.exchange: {name!r} is not one of {list(CROSSABLE)}")
+            if how not in EXCHANGES:
+                raise SpecError(f"model.exchange.{name}: {how!r} is not one of {list(EXCHANGES)}")
+            if how == "shuffle" and name in FC_NAMES:
+                raise SpecError(f"model.exchange.{name}: shuffle is for conv2..conv5 (channel maps); use all or own")
         if self.init not in INIT_SCHEMES:
             raise SpecError(f"model.init: {self.init!r} is not one of {list(INIT_SCHEMES)}")
         if not 0.0 <= self.dropout < 1.0:
             raise SpecError(f"model.dropout must be in [0, 1), got {self.dropout}")
         widths = dict(zip(CONV_NAMES + FC_NAMES[:2], self.conv_channels + self.fc_widths))
-        for name, width in widths.items():
-            if width % G:
+        inputs = dict(zip(CONV_NAMES[1:] + FC_NAMES[:1], self.conv_channels))
+        for name, G in self.layer_groups.items():
+            width = widths.get(name)
+            key = f"model.conv_channels[{CONV_NAMES.index(name)}]" if name in CONV_NAMES \
+                else f"model.fc_widths[{FC_NAMES.index(name) if name in FC_NAMES[:2] else 0}]"
+            if width is not None and width % G:
                 lo, hi = width - width % G, width - width % G + G
-                key = f"model.conv_channels[{CONV_NAMES.index(name)}]" if name in CONV_NAMES \
-                    else f"model.fc_widths[{FC_NAMES.index(name)}]"
                 raise SpecError(f"{name} has {width} channels, which do not divide by {G} groups; "
                                 f"set {key} to {lo} or {hi}")
-        if "fc8" not in self.cross_group and self.num_classes % G:
+            how = self.exchange_of(name)
+            if how == "shuffle" and inputs[name] % (G * G):
+                raise SpecError(f"{name}: a channel shuffle over {G} groups needs input channels divisible by "
+                                f"{G * G}, got {inputs[name]}; change the previous layer's width")
+            if how == "own" and name in inputs and inputs[name] % G:
+                raise SpecError(f"{name} reads {inputs[name]} channels in {G} groups, which does not divide; "
+                                "change the previous layer's width or this layer's groups")
+        if self.exchange_of("fc8") != "all" and self.num_classes % self.layer_groups["fc8"]:
             raise SpecError(f"fc8 without cross_group splits its input by group, so num_classes "
-                            f"({self.num_classes}) must divide by {G}; add fc8 to model.cross_group")
+                            f"({self.num_classes}) must divide by {self.layer_groups['fc8']}; add fc8 to model.cross_group")
         too_small = self._first_empty_map(self.input_size)
         if too_small:
             fits = next((n for n in range(self.input_size + 1, 4097) if not self._first_empty_map(n)), None)
@@ -113,28 +179,29 @@ class AlexNetSpec:
 
     def layers(self) -> list[LayerInfo]:
         """Every weight layer with its shapes, parameters and multiply-accumulates per image."""
-        G = self.groups
+        groups = self.layer_groups
         out: list[LayerInfo] = []
         c, h = self.in_channels, self.input_size
+        previous = 1  # the image is one whole input
         for i, name in enumerate(CONV_NAMES):
             k, s, p, oc = self.kernels[i], self.strides[i], self.paddings[i], self.conv_channels[i]
-            cross = name in self.cross_group
-            grouped = i > 0 and not cross
+            G, how = groups[name], self.exchange_of(name)
+            grouped = how in ("own", "shuffle")
             oh = (h + 2 * p - k) // s + 1
             in_per_filter = c // G if grouped else c
             weights = oc * in_per_filter * k * k
-            out.append(LayerInfo(name, "conv", c, oc, k, s, p, cross, grouped, (c, h, h), (oc, oh, oh),
-                                 weights + oc, weights * oh * oh, c * h * h))
-            c, h = oc, oh
+            out.append(LayerInfo(name, "conv", c, oc, k, s, p, how == "all", grouped, G, how, previous,
+                                 (c, h, h), (oc, oh, oh), weights + oc, weights * oh * oh, c * h * h))
+            c, h, previous = oc, oh, G
             if name in POOL_AFTER:
                 h = (h - POOL_KERNEL) // POOL_STRIDE + 1
         f = c * h * h
         for name, oc in zip(FC_NAMES, self.fc_widths + [self.num_classes]):
-            cross = name in self.cross_group
-            weights = oc * (f if cross else f // G)
-            out.append(LayerInfo(name, "fc", f, oc, 1, 1, 0, cross, not cross, (f,), (oc,),
-                                 weights + oc, weights, f))
-            f = oc
+            G, how = groups[name], self.exchange_of(name)
+            weights = oc * (f if how == "all" else f // G)
+            out.append(LayerInfo(name, "fc", f, oc, 1, 1, 0, how == "all", how != "all", G, how, previous,
+                                 (f,), (oc,), weights + oc, weights, f))
+            f, previous = oc, G
         return out
 
     def params(self) -> int:
@@ -143,10 +210,18 @@ class AlexNetSpec:
     def macs(self) -> int:
         return sum(layer.macs for layer in self.layers())
 
-    def cross_group_bytes_per_image(self, bytes_per_element: int = 4) -> dict[str, int]:
-        """Forward bytes received across groups per image: (G-1) x the gathered input, per cross layer.
+    def cross_group_bytes(self, batch: int, bytes_per_element: int = 4) -> dict[str, int]:
+        """Forward bytes received across groups per batch, per exchanging layer.
 
-        The backward pass returns the same volume of gradients.
+        All-gather: every one of the input's G groups receives the others' share, (G-1) x
+        the input; shuffle over G groups: (G-1)/G of the input once. The backward pass
+        returns the same volume of gradients. (The logits' gather is counted separately.)
         """
-        return {layer.name: (self.groups - 1) * layer.input_numel * bytes_per_element
-                for layer in self.layers() if layer.cross}
+        out = {}
+        for layer in self.layers():
+            total = batch * layer.input_numel * bytes_per_element
+            if layer.exchange == "all":
+                out[layer.name] = (layer.input_groups - 1) * total
+            elif layer.exchange == "shuffle":
+                out[layer.name] = total * (layer.groups - 1) // layer.groups
+        return out

@@ -28,12 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from parallel import GroupConv2d, GroupLinear, LocalPlacement, PerGroup, gather_output  # noqa: E402
+from parallel import GroupConv2d, GroupLinear, LocalPlacement, LocalRuntime, PerGroup, Sharded, gather_output  # noqa: E402
 
 
-def add(x: list[torch.Tensor], y: list[torch.Tensor]) -> list[torch.Tensor]:
+def add(x: Sharded, y: Sharded) -> Sharded:
     """Residual sum of two sharded activations with the same channel split (slot by slot)."""
-    return [a + b for a, b in zip(x, y)]
+    return Sharded(tuple(a + b for a, b in zip(x.parts, y.parts)), x.group_sizes)
 
 
 class Block(nn.Module):
@@ -66,7 +66,7 @@ class GroupResNeXt(nn.Module):
         x = self.relu(self.stem(images))
         for block in self.blocks:
             x = block(x)
-        return gather_output(self.placement, self.head(self.pool(x)), self.head.group_out)
+        return gather_output(self.placement, self.head(self.pool(x)))
 
 
 class ReferenceBlock(nn.Module):
@@ -97,11 +97,12 @@ class Reference(nn.Module):
 
 
 def placement_for(groups: int, devices: list[str]):
-    """torchrun: one process per group (gloo on CPU, NCCL on GPUs); otherwise one process over ``devices``."""
+    """(placement, runtime). torchrun: one process per group (gloo on CPU, NCCL on GPUs); otherwise one
+    process over ``devices``."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        from parallel.distributed import DistributedPlacement
-        return DistributedPlacement.from_env(groups, "auto")
-    return LocalPlacement(groups, devices)
+        from parallel.distributed import init_from_env
+        return init_from_env(groups, "auto")
+    return LocalPlacement(groups, devices), LocalRuntime()
 
 
 def main(argv=None) -> int:
@@ -125,28 +126,28 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     run_dir = args.run_dir or os.path.join("runs", "resnext", f"g{args.groups}-s{args.seed}")
     try:
-        placement = placement_for(args.groups, args.devices)
+        placement, runtime = placement_for(args.groups, args.devices)
         torch.manual_seed(args.seed)
         model = GroupResNeXt(placement)
-        train, val = build(None, args.batch_size, 512, 28, args.seed, placement.replica, placement.num_replicas,
+        train, val = build(None, args.batch_size, 512, 28, args.seed, runtime.replica, runtime.num_replicas,
                            crop_padding=2, limit=args.limit, device=placement.input_device)
     except (PlacementError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     schedule = LRSchedule("cosine", args.lr, args.epochs, len(train))
-    log = RunLog(run_dir, placement.is_main)
+    log = RunLog(run_dir, runtime.is_main)
     step, start = 0, time.perf_counter()
     for epoch in range(args.epochs):
         train.set_epoch(epoch)
-        result = train_one_epoch(model, train, optimizer, schedule, placement, epoch, step, args.seed)
+        result = train_one_epoch(model, train, optimizer, schedule, placement, runtime, epoch, step, args.seed)
         step = result["step"]
         record = {"epoch": epoch + 1, "step": step, "train_loss": result["train_loss"],
-                  "train_top1_err": result["train_top1_err"], **evaluate(model, val, placement),
+                  "train_top1_err": result["train_top1_err"], **evaluate(model, val, placement, runtime),
                   "images_per_s": result["images_per_s"], "groups": args.groups,
                   "cross_group_mb_per_step": placement.counter.total() / 1e6}
         log.epoch(record)
-        if placement.is_main:
+        if runtime.is_main:
             print(f"epoch {epoch + 1}/{args.epochs}  loss {record['train_loss']:.4f}  "
                   f"val top-1 {record['val_top1_err']:.2f}%  {record['images_per_s']:.0f} img/s", flush=True)
     summary = {"groups": args.groups, "seed": args.seed, "epochs": args.epochs,
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
                "wall_s": time.perf_counter() - start, "placement": placement.describe()}
     log.summary(summary)
     log.close()
-    if placement.is_main:
+    if runtime.is_main:
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -1,15 +1,18 @@
 """Model-agnostic filter-group parallelism: placements, communication, sharded layers.
 
-Imports nothing from ``alexnet/`` or ``data/``. ``parallel.contracts`` writes down what a
-placement provides: ``GroupPlacement`` (where groups live, how activations move; what the
-layers use) and ``Runtime`` (replicas and processes; what a training loop uses).
+Imports nothing from ``alexnet/`` or ``data/``. ``parallel.contracts`` writes down the two
+contracts: ``GroupPlacement`` (where groups live, how activations move; what the layers
+use) and ``Runtime`` (replicas and processes; what a training loop uses). Activations
+between layers are ``Sharded`` (per-slot parts plus every group's size).
 """
 from parallel.comm import CommCounter
 from parallel.contracts import GroupPlacement, Runtime
 from parallel.layers import (GroupConv2d, GroupLinear, PerGroup, full_state_dict, gather_output,
                              load_full_state_dict)
 from parallel.placement import LocalPlacement, PlacementError, split_sizes
+from parallel.runtime import LocalRuntime
+from parallel.sharded import Sharded, shard
 
 __all__ = ["CommCounter", "GroupConv2d", "GroupLinear", "PerGroup", "gather_output", "full_state_dict",
-           "load_full_state_dict",
-           "LocalPlacement", "PlacementError", "split_sizes", "GroupPlacement", "Runtime"]
+           "load_full_state_dict", "LocalPlacement", "LocalRuntime", "PlacementError", "split_sizes",
+           "GroupPlacement", "Runtime", "Sharded", "shard"]

@@ -64,14 +64,22 @@ class CommCounter:
         return dict(self.bytes)
 
 
-def received_bytes(total_bytes: int, group_sizes: list[int], consumers: list[int]) -> int:
-    """Bytes the ``consumers`` receive when each needs every group's shard but its own.
+def all_gather_bytes(total_bytes: int, group_sizes) -> int:
+    """Bytes received at an all-gather: every group receives every other group's share.
 
-    ``group_sizes[g]`` is group g's share of the gathered dimension; with every group a
-    consumer this is (G - 1) * total_bytes.
+    ``total_bytes`` is the whole gathered activation, ``group_sizes[g]`` group g's share of
+    the gathered dimension; with G equal shares this is (G - 1) * total_bytes. Both
+    placements count by this rule (also for the logits), so the number does not depend on
+    where the groups live.
     """
     whole = sum(group_sizes)
-    return sum(total_bytes - total_bytes * group_sizes[g] // whole for g in consumers)
+    return sum(total_bytes - total_bytes * size // whole for size in group_sizes)
+
+
+def shuffle_bytes(total_bytes: int, groups: int) -> int:
+    """Bytes received at a channel shuffle: group g keeps its own 1/G slice of its maps and
+    receives the g-th 1/G slice of every other group's, (G - 1) / G * total_bytes in all."""
+    return total_bytes * (groups - 1) // groups
 
 
 class _GatherToDevices(torch.autograd.Function):
@@ -188,3 +196,106 @@ def all_gather_for_distinct_consumers(shard, pg, dim, sizes, index, counter):
 
 def all_gather_for_replicated_consumer(shard, pg, dim, sizes, index, counter):
     return _AllGatherReplicatedConsumer.apply(shard, pg, dim, sizes, index, counter)
+
+
+# --- channel shuffle: group g receives the g-th 1/G slice of every group's maps ------------------
+#
+# With G groups of C/G maps dealt to K slots (P = G/K groups each), a slot's part is
+# (N, P*C/G, ...) = (N, P [source group h], G [destination group g], C/G^2, ...). The
+# shuffled input of group g is cat over h of piece (h, g): ShuffleNet's channel shuffle,
+# written as the permutation (h, g, c) -> (g, h, c) of the reference's channel axis.
+
+def shuffle_to_devices(parts: list[torch.Tensor], devices: list[torch.device], groups: int) -> list[torch.Tensor]:
+    """The channel shuffle between local slots: each slot sends every other slot the pieces its
+    groups need, one copy per pair of slots; plain differentiable ops (slices, copies, cat),
+    so autograd's backward is the inverse shuffle."""
+    K = len(parts)
+    P = groups // K
+    pieces = [p.unflatten(1, (P, groups, -1)) for p in parts]  # (N, h_s, g, c, ...)
+    out = []
+    for t, device in enumerate(devices):
+        received = [v[:, :, t * P:(t + 1) * P].to(device, non_blocking=True) for v in pieces]
+        y = torch.cat(received, dim=1).transpose(1, 2)  # (N, g_t, h, c, ...)
+        out.append(y.flatten(1, 3))
+    return out
+
+
+def _a2a(send: torch.Tensor, pg) -> torch.Tensor:
+    import torch.distributed as dist
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=pg)
+    return received
+
+
+class _AllToAllShuffle(torch.autograd.Function):
+    """Forward: the channel shuffle over K ranks as one all-to-all (rank s sends rank t the
+    pieces (h, g) of its groups h for t's groups g). Backward: the inverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, part, pg, K, groups, counter):
+        ctx.meta = (pg, K, groups // K, part.shape, counter)
+        P = groups // K
+        rest = part.shape[2:]
+        view = part.unflatten(1, (P, K, P, -1))              # (N, h_s, t, g_t, c, ...)
+        send = view.movedim(2, 0).contiguous()                # (t, N, h_s, g_t, c, ...)
+        with counter.timing(part.device):
+            received = _a2a(send, pg)                         # (s, N, h_s, g_t, c, ...)
+        y = received.permute(1, 3, 0, 2, *range(4, 5 + len(rest)))  # (N, g_t, s, h_s, c, ...)
+        return y.reshape(part.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pg, K, P, shape, counter = ctx.meta
+        rest = shape[2:]
+        view = grad.reshape(shape).unflatten(1, (P, K, P, -1))             # (N, g_t, s, h_s, c, ...)
+        send = view.permute(2, 0, 3, 1, *range(4, 5 + len(rest))).contiguous()  # (s, N, h_s, g_t, c, ...)
+        with counter.timing(grad.device):
+            received = _a2a(send, pg)                                      # (t, N, h_s, g_t, c, ...)
+        g = received.permute(1, 2, 0, 3, *range(4, 5 + len(rest)))         # (N, h_s, t, g_t, c, ...)
+        return g.reshape(shape), None, None, None, None
+
+
+def all_to_all_shuffle(part: torch.Tensor, pg, num_ranks: int, groups: int, counter: CommCounter) -> torch.Tensor:
+    return _AllToAllShuffle.apply(part, pg, num_ranks, groups, counter)
+
+
+# --- hybrid placement (Krizhevsky 2014): batch rows <-> feature columns ----------------------
+
+def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
+    return t if t.shape[1] == width else torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1])], dim=1)
+
+
+class _FeaturesToRows(torch.autograd.Function):
+    """Forward: rank k holds Z[:, cols k] for the whole batch; each rank r receives Z[rows r, :]
+    (one all-to-all; uneven rows and columns are padded for the collective).
+    Backward: the inverse all-to-all, so rank k gets dL_r/dZ[rows r, cols k] from every r:
+    the gradient of the sum of the ranks' losses."""
+
+    @staticmethod
+    def forward(ctx, part, pg, index, rows, cols, counter):
+        ctx.meta = (pg, index, rows, cols, counter)
+        width = max(cols)
+        send = _pad_cols(part, width).contiguous()
+        received = send.new_empty(rows[index] * len(rows), width)
+        import torch.distributed as dist
+        with counter.timing(part.device):
+            dist.all_to_all_single(received, send, output_split_sizes=[rows[index]] * len(rows),
+                                   input_split_sizes=list(rows), group=pg)
+        pieces = received.split(rows[index], dim=0)
+        return torch.cat([p[:, :c] for p, c in zip(pieces, cols)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pg, index, rows, cols, counter = ctx.meta
+        width = max(cols)
+        send = torch.cat([_pad_cols(g, width) for g in grad.split(list(cols), dim=1)], dim=0).contiguous()
+        received = send.new_empty(sum(rows), width)
+        import torch.distributed as dist
+        with counter.timing(grad.device):
+            dist.all_to_all_single(received, send, output_split_sizes=list(rows),
+                                   input_split_sizes=[rows[index]] * len(rows), group=pg)
+        return received[:, :cols[index]].contiguous(), None, None, None, None, None
+
+
+def features_to_rows(part, pg, index, rows, cols, counter):
+    return _FeaturesToRows.apply(part, pg, index, list(rows), list(cols), counter)

@@ -1,12 +1,12 @@
-"""The two contracts a placement object fulfils, written down.
+"""The two contracts of this package, written down.
 
 ``GroupPlacement`` says where filter groups live and how activations move between them:
-this is all the sharded layers (``parallel.layers``) use. ``Runtime`` says how data
-replicas and processes coordinate: this is what a training loop uses (gradient
-averaging over replicas, metric sums, agreeing to stop, barriers). ``LocalPlacement``
-(one process) and ``DistributedPlacement`` (one process per group, times D replicas)
-implement both; a new placement implements ``GroupPlacement`` for the layers, and
-``Runtime`` if a training loop is to drive it.
+this is all the sharded layers (``parallel.layers``) use. ``LocalPlacement`` (one process,
+slots on devices) and ``DistributedPlacement`` (one process per slot, times D replicas)
+implement it. ``Runtime`` says how data replicas and processes coordinate: this is what a
+training loop uses (gradient averaging over replicas, metric sums, agreeing to stop,
+barriers); ``LocalRuntime`` and ``DistributedRuntime`` (``parallel.runtime``) implement it.
+``parallel.distributed.init_from_env`` makes the distributed pair under torchrun.
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ class GroupPlacement(Protocol):
     groups: int
 
     @property
+    def num_slots(self) -> int: ...
+
+    @property
     def local_slots(self) -> list: ...
 
     @property
@@ -41,11 +44,11 @@ class GroupPlacement(Protocol):
     @property
     def output_device(self) -> torch.device: ...
 
-    def gather(self, shards: list[torch.Tensor], dim: int, name: str,
-               group_sizes: list[int] | None = None) -> list[torch.Tensor]: ...
+    def gather(self, shards: list[torch.Tensor], dim: int, name: str, group_sizes) -> list[torch.Tensor]: ...
 
-    def gather_output(self, shards: list[torch.Tensor], dim: int, name: str,
-                      group_sizes: list[int] | None = None) -> torch.Tensor: ...
+    def gather_output(self, shards: list[torch.Tensor], dim: int, name: str, group_sizes) -> torch.Tensor: ...
+
+    def shuffle(self, shards: list[torch.Tensor], name: str, groups: int) -> list[torch.Tensor]: ...
 
     def assemble_rows(self, parts: list[torch.Tensor]) -> torch.Tensor: ...
 

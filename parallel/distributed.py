@@ -1,11 +1,13 @@
-"""One process per filter group on torch.distributed, optionally times D data replicas.
+"""One process per slot on torch.distributed, optionally times D data replicas.
 
-The world of N = D x G ranks forms a 2-D device mesh ("data", "group"); rank r holds
-exactly one group's shard of every layer. Cross-group layers all-gather over the
-"group" dimension; gradients are averaged over the "data" dimension with one explicit
-all-reduce per step after backward (exact and simple; DDP's overlap of that all-reduce
-with backward is what it would add, at the price of wrapping a module whose forward
-runs collectives of its own).
+The world of N = D x K ranks forms a 2-D device mesh ("data", "group"); the rank at
+position k of the "group" dimension is slot k: it holds block k of every layer's groups
+(one group each when a layer has K groups). Cross-group layers all-gather over the
+"group" dimension, channel shuffles are one all-to-all over it; gradients are averaged
+over the "data" dimension with one explicit all-reduce per step after backward
+(``parallel.runtime.DistributedRuntime``: exact and simple; DDP's overlap of that
+all-reduce with backward is what it would add, at the price of wrapping a module whose
+forward runs collectives of its own).
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.comm import CommCounter, all_gather_for_distinct_consumers, all_gather_for_replicated_consumer, received_bytes
+from parallel.comm import (CommCounter, all_gather_bytes, all_gather_for_distinct_consumers,
+                           all_gather_for_replicated_consumer, all_to_all_shuffle, shuffle_bytes, shuffle_to_devices)
 from parallel.placement import PlacementError, Slot
+from parallel.runtime import DistributedRuntime
+from parallel.sharded import slot_sizes
 
 
 def _restart_store(world: int, timeout: timedelta) -> dict:
@@ -50,53 +55,29 @@ def pick_backend(requested: str) -> str:
 
 
 class DistributedPlacement:
-    """This rank's group of a (data x group) mesh; process groups are passed in, never global."""
+    """This rank's slot of a (data x group) mesh; the "group" process group is passed in, never global.
 
-    def __init__(self, groups: int, group_pg, data_pg, control_pg, group_index: int, replica: int,
-                 num_replicas: int, device: torch.device, global_rank: int, counter: CommCounter | None = None,
-                 mesh=None):
-        self.groups, self.group_pg, self.data_pg, self.control_pg = groups, group_pg, data_pg, control_pg
-        self.group_index, self.replica, self.num_replicas = group_index, replica, num_replicas
-        self.device, self.global_rank, self.mesh = torch.device(device), global_rank, mesh
-        self.slots = [Slot(self.device, group_index, 1)]
+    ``groups`` is the default G of a layer, ``num_slots`` K the ranks per replica (K divides
+    G); a layer may have any multiple of K groups, each rank computing its contiguous block.
+    """
+
+    def __init__(self, groups: int, num_slots: int, group_pg, group_index: int, device: torch.device,
+                 counter: CommCounter | None = None, mesh=None):
+        if groups % num_slots:
+            raise PlacementError(f"{groups} groups cannot be dealt evenly to {num_slots} ranks")
+        self.groups, self._num_slots, self.group_pg, self.group_index = groups, num_slots, group_pg, group_index
+        self.device, self.mesh = torch.device(device), mesh
+        per = groups // num_slots
+        self.slots = [Slot(self.device, group_index, group_index * per, per)]
         self.counter = counter if counter is not None else CommCounter()
-        self._sizes: dict[tuple[str, int], list[int]] = {}
 
-    @classmethod
-    def from_env(cls, groups: int, backend: str = "auto", timeout_s: float = 600,
-                 counter: CommCounter | None = None) -> "DistributedPlacement":
-        """Build from torchrun's environment: init the process group and the (data, group) mesh."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world % groups:
-            raise PlacementError(f"world size {world} is not a multiple of model.groups={groups}; launch "
-                                 f"torchrun --nproc-per-node {groups} (or a multiple: data replicas x groups)")
-        backend = pick_backend(backend)
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if backend == "nccl":
-            if local_rank >= torch.cuda.device_count():
-                raise PlacementError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                                     "use --nproc-per-node <= GPUs per node, or parallel.backend=gloo")
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
-        if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                    device_id=device if backend == "nccl" else None,
-                                    **_restart_store(world, timedelta(seconds=timeout_s)))
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (world // groups, groups), mesh_dim_names=("data", "group"))
-        # A CPU (gloo) group for control messages (the stop flag), so agreeing to stop
-        # never waits on the GPU stream.
-        control = dist.new_group(backend="gloo") if backend == "nccl" else None
-        return cls(groups, mesh.get_group("group"), mesh.get_group("data"), control,
-                   mesh.get_local_rank("group"), mesh.get_local_rank("data"), world // groups, device,
-                   dist.get_rank(), counter=counter, mesh=mesh)
-
-    # --- what the model and the loop see ---
     @property
     def local_slots(self) -> list[Slot]:
         return self.slots
+
+    @property
+    def num_slots(self) -> int:
+        return self._num_slots
 
     @property
     def input_device(self) -> torch.device:
@@ -106,108 +87,104 @@ class DistributedPlacement:
     def output_device(self) -> torch.device:
         return self.device
 
-    @property
-    def is_main(self) -> bool:
-        return self.global_rank == 0
+    def _whole_bytes(self, shard: torch.Tensor, dim: int, sizes: list[int]) -> int:
+        """Bytes of the whole gathered tensor, from this rank's shard and every slot's share."""
+        return shard.numel() * shard.element_size() * sum(sizes) // sizes[self.group_index]
 
-    @property
-    def process_index(self) -> int:
-        return self.global_rank
-
-    def gather(self, shards: list[torch.Tensor], dim: int, name: str,
-               group_sizes: list[int] | None = None) -> list[torch.Tensor]:
-        """All-gather this group's shard over the "group" dimension (backward: reduce-scatter)."""
+    def gather(self, shards: list[torch.Tensor], dim: int, name: str, group_sizes) -> list[torch.Tensor]:
+        """All-gather this slot's shard over the "group" dimension (backward: reduce-scatter)."""
         (shard,) = shards
-        sizes = group_sizes or self.group_sizes(name, shard.shape[dim])
-        nbytes = received_bytes(shard.numel() * shard.element_size() * sum(sizes) // sizes[self.group_index],
-                                sizes, list(range(self.groups)))
+        sizes = slot_sizes(group_sizes, self.num_slots)
+        nbytes = all_gather_bytes(self._whole_bytes(shard, dim, sizes), group_sizes)
         self.counter.record(name, nbytes, nbytes)
         return [all_gather_for_distinct_consumers(shard, self.group_pg, dim, sizes, self.group_index, self.counter)]
 
-    def gather_output(self, shards: list[torch.Tensor], dim: int, name: str,
-                      group_sizes: list[int] | None = None) -> torch.Tensor:
+    def gather_output(self, shards: list[torch.Tensor], dim: int, name: str, group_sizes) -> torch.Tensor:
         """All-gather the logits; every rank computes the same loss, so backward keeps its own slice."""
         (shard,) = shards
-        sizes = group_sizes or self.group_sizes(name, shard.shape[dim])
-        nbytes = received_bytes(shard.numel() * shard.element_size() * sum(sizes) // sizes[self.group_index],
-                                sizes, list(range(self.groups)))
-        self.counter.record(name, nbytes, 0)  # backward keeps its own slice: nothing moves
+        sizes = slot_sizes(group_sizes, self.num_slots)
+        self.counter.record(name, all_gather_bytes(self._whole_bytes(shard, dim, sizes), group_sizes), 0)
         return all_gather_for_replicated_consumer(shard, self.group_pg, dim, sizes, self.group_index, self.counter)
 
-    def group_sizes(self, name: str, local: int) -> list[int]:
-        """Every group's share of the gathered dimension at exchange ``name`` (10 features over 4 ranks: 3,3,2,2).
-
-        Asked of the other ranks once per exchange and remembered: the shares of a layer's
-        output do not change between steps, so later steps pay nothing.
-        """
-        key = (name, local)
-        if key not in self._sizes:
-            mine = torch.tensor([local], device=self.device)
-            everyone = [torch.zeros_like(mine) for _ in range(self.groups)]
-            dist.all_gather(everyone, mine, group=self.group_pg)
-            self._sizes[key] = [int(t.item()) for t in everyone]
-        return self._sizes[key]
-
-    def sync_gradients(self, params) -> None:
-        """Average each group's gradients over the data replicas: one flat all-reduce."""
-        if self.num_replicas == 1:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        with self.counter.timing(flat.device):
-            dist.all_reduce(flat, group=self.data_pg)
-        flat /= self.num_replicas
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Metrics: every rank of a replica holds the same numbers, so sum over replicas only."""
-        if self.num_replicas > 1:
-            tensor = tensor.clone()
-            dist.all_reduce(tensor, group=self.data_pg)
-        return tensor
-
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (all ranks must agree to stop at the same step)."""
-        t = torch.tensor([1.0 if flag else 0.0], device="cpu" if self.control_pg is not None else self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_pg)
-        return bool(t.item())
-
-    def any_rank_async(self, flag: bool):
-        """Start the same vote without waiting; the returned function waits and gives the answer.
-
-        The training loop starts one vote per step and reads it a step later, so agreeing
-        to stop never holds up a step (the loop stops one step after the signal).
-        """
-        t = torch.tensor([1.0 if flag else 0.0], device="cpu" if self.control_pg is not None else self.device)
-        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_pg, async_op=True)
-
-        def result() -> bool:
-            work.wait()
-            return bool(t.item())
-        return result
-
-    def barrier(self) -> None:
-        dist.barrier()
+    def shuffle(self, shards: list[torch.Tensor], name: str, groups: int) -> list[torch.Tensor]:
+        """Channel shuffle over ``groups`` groups as one all-to-all over the "group" dimension."""
+        (shard,) = shards
+        nbytes = shuffle_bytes(shard.numel() * shard.element_size() * self.num_slots, groups)
+        self.counter.record(name, nbytes, nbytes)
+        if self.num_slots == 1:  # one slot: the shuffle is a permutation inside it
+            return shuffle_to_devices([shard], [self.device], groups)
+        return [all_to_all_shuffle(shard, self.group_pg, self.num_slots, groups, self.counter)]
 
     def assemble_rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Every group's rows (dim 0) stacked in group order, on CPU, on every rank of the group."""
+        """Every slot's rows (dim 0) stacked in slot order, on CPU, on every rank of the group."""
         (part,) = parts
-        rows = [0] * self.groups
+        rows = [0] * self.num_slots
         rows[self.group_index] = part.shape[0]
         counts = torch.tensor(rows, device=self.device)
         dist.all_reduce(counts, group=self.group_pg)
         counts = counts.tolist()
         padded = torch.zeros(max(counts), *part.shape[1:], dtype=part.dtype, device=self.device)
         padded[:part.shape[0]] = part.to(self.device)
-        pieces = [torch.empty_like(padded) for _ in range(self.groups)]
+        pieces = [torch.empty_like(padded) for _ in range(self.num_slots)]
         dist.all_gather(pieces, padded, group=self.group_pg)
         return torch.cat([p[:n] for p, n in zip(pieces, counts)]).cpu()
 
     def describe(self) -> str:
-        return (f"{self.num_replicas} replica(s) x {self.groups} groups, one group per process "
+        return (f"{self.groups} groups over {self.num_slots} process(es) per replica "
                 f"({dist.get_backend(self.group_pg)} on {self.device.type})")
 
 
+def init_process_group_from_env(backend: str = "auto", timeout_s: float = 600) -> tuple[torch.device, int, int]:
+    """Under torchrun: this rank's device and the initialised default process group; (device, world, rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = pick_backend(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise PlacementError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                                 "use --nproc-per-node <= GPUs per node, or parallel.backend=gloo")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None,
+                                **_restart_store(world, timedelta(seconds=timeout_s)))
+    return device, world, dist.get_rank()
+
+
+def slots_for_world(world: int, groups: int) -> int:
+    """Ranks per replica: G when the world is a multiple of G (one group per rank, world/G replicas),
+    the world itself when it divides G (G/world groups per rank, one replica)."""
+    if world % groups == 0:
+        return groups
+    if groups % world == 0:
+        return world
+    fits = sorted({d for d in range(1, groups + 1) if groups % d == 0} | {groups * k for k in (2, 3, 4)})
+    raise PlacementError(f"world size {world} does not fit {groups} groups: launch a number of processes that "
+                         f"divides {groups} (each holds several groups) or is a multiple of it (data replicas); "
+                         f"e.g. torchrun --nproc-per-node {'/'.join(map(str, fits))}")
+
+
+def init_from_env(groups: int, backend: str = "auto", timeout_s: float = 600,
+                  counter: CommCounter | None = None) -> tuple[DistributedPlacement, DistributedRuntime]:
+    """Under torchrun: init the process group and the (data, group) mesh for ``groups`` groups.
+
+    Returns this rank's placement (for the layers) and runtime (for the training loop); both
+    record into the same ``counter``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    slots = slots_for_world(world, groups)
+    device, world, _ = init_process_group_from_env(backend, timeout_s)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (world // slots, slots), mesh_dim_names=("data", "group"))
+    # A CPU (gloo) group for control messages (the stop vote), so agreeing to stop never
+    # waits on the GPU stream.
+    control = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    counter = counter if counter is not None else CommCounter()
+    placement = DistributedPlacement(groups, slots, mesh.get_group("group"), mesh.get_local_rank("group"), device,
+                                     counter=counter, mesh=mesh)
+    runtime = DistributedRuntime(mesh.get_group("data"), control, dist.get_rank(), mesh.get_local_rank("data"),
+                                 world // slots, device, counter=counter)
+    return placement, runtime

@@ -1,9 +1,12 @@
 """Layers that hold one block of filter groups per slot, each on its slot's device.
 
-An activation between layers is a *group-sharded tensor*: a list with one tensor per local
-slot, ``x[s]`` of shape (N, C_s, ...) holding the channels of slot s's groups in group
-order. Concatenating the list along dim 1 (in slot order) gives the single-device
-reference activation.
+An activation between layers is a ``parallel.sharded.Sharded``: one tensor per local slot,
+``x.parts[s]`` of shape (N, C_s, ...) holding the channels of slot s's groups in group
+order, and ``x.group_sizes``, every group's share of dim 1. Concatenating the parts along
+dim 1 (in slot order) gives the single-device reference activation. Each layer may have
+its own number of groups G (``groups=``, default the placement's), any multiple of the
+number of slots K: slot k computes groups [k G/K, (k+1) G/K), so it only ever reads the
+maps it holds, whatever G the previous layer had.
 
 Each layer stores, per slot, the rows of the reference weight that its groups own
 (output channels ``[first_s, last_s)``), so one slot holding every group *is* the
@@ -21,29 +24,42 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from parallel.placement import split_sizes
+from parallel.placement import check_dealable, split_sizes
+from parallel.sharded import Sharded
 
-INPUT_MODES = ("own", "all", "replicated")
+#: where a group's input comes from: its own group's maps, every group's (all-gather), the
+#: g-th 1/G slice of every group's (channel shuffle), or one input every group reads whole
+INPUT_MODES = ("own", "all", "shuffle", "replicated")
 
 
 class _GroupSharded(nn.Module):
     """Bookkeeping shared by the sharded layers: output rows per group and per slot."""
 
-    def __init__(self, placement, out_features: int, input_mode: str, name: str, uneven_ok: bool):
+    def __init__(self, placement, in_features: int, out_features: int, input_mode: str, name: str,
+                 uneven_ok: bool, groups: int | None):
         super().__init__()
         if input_mode not in INPUT_MODES:
             raise ValueError(f"{name}: input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
-        G = placement.groups
-        if out_features % G and not uneven_ok:
+        G = groups or placement.groups
+        check_dealable(G, placement.num_slots, name)
+        if out_features % G and not (uneven_ok and input_mode in ("all", "replicated")):
             raise ValueError(f"{name}: {out_features} output channels do not divide by {G} groups")
+        if input_mode in ("own", "shuffle") and in_features % G:
+            raise ValueError(f"{name}: {in_features} input channels do not divide by {G} groups")
+        if input_mode == "shuffle" and in_features % (G * G):
+            raise ValueError(f"{name}: a channel shuffle over {G} groups splits each group's {in_features // G} "
+                             f"maps into {G} slices; use a number of input channels divisible by {G * G}")
         self.placement = placement
         self.name = name
         self.input_mode = input_mode
+        self.groups = G
+        self.per_slot = G // placement.num_slots
         self.group_out = split_sizes(out_features, G)
         self.slot_rows: list[tuple[int, int]] = []
         for slot in placement.local_slots:
-            start = sum(self.group_out[:slot.first])
-            self.slot_rows.append((start, start + sum(self.group_out[g] for g in slot.groups)))
+            mine = slot.groups_of(G, placement.num_slots)
+            start = sum(self.group_out[:mine.start])
+            self.slot_rows.append((start, start + sum(self.group_out[g] for g in mine)))
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()  # empty when the layer has no bias
 
@@ -106,15 +122,24 @@ class _GroupSharded(nn.Module):
                 p.copy_(value)
 
     def _inputs(self, x, dim: int = 1) -> list[torch.Tensor]:
-        """The tensor each slot computes from: its own maps, all groups' maps, or the replicated input."""
+        """The tensor each slot computes from: its own maps, all groups' maps, its shuffled slices,
+        or the replicated input."""
         slots = self.placement.local_slots
         if self.input_mode == "replicated":
             return [x.to(s.device, non_blocking=True) for s in slots]
-        if len(x) != len(slots):
-            raise ValueError(f"{self.name}: expected {len(slots)} shards, got {len(x)}")
+        if not isinstance(x, Sharded):
+            raise TypeError(f"{self.name}: expected a parallel.Sharded activation (per-slot parts and every "
+                            f"group's size; parallel.shard() makes one from a full tensor), got {type(x).__name__}")
+        if len(x.parts) != len(slots):
+            raise ValueError(f"{self.name}: expected {len(slots)} shards, got {len(x.parts)}")
         if self.input_mode == "all":
-            return self.placement.gather(list(x), dim, self.name)
-        return list(x)
+            return self.placement.gather(list(x.parts), dim, self.name, x.group_sizes)
+        if self.input_mode == "shuffle":
+            return self.placement.shuffle(list(x.parts), self.name, self.groups)
+        return list(x.parts)
+
+    def _output(self, parts: list[torch.Tensor]) -> Sharded:
+        return Sharded(tuple(parts), tuple(self.group_out))
 
 
 class GroupConv2d(_GroupSharded):
@@ -122,8 +147,10 @@ class GroupConv2d(_GroupSharded):
 
     Y_g = conv(X_in(g), W_g) + b_g, where W_g holds output channels
     [g*C_out/G, (g+1)*C_out/G) and X_in(g) is
-      * ``own``: group g's own input maps (C_in/G channels): the reference is
-        ``nn.Conv2d(C_in, C_out, groups=G)``;
+      * ``own``: input channels [g*C_in/G, (g+1)*C_in/G), group g's own maps: the reference
+        is ``nn.Conv2d(C_in, C_out, groups=G)``;
+      * ``shuffle``: the g-th 1/G slice of every group's maps (ShuffleNet's channel shuffle,
+        then ``own``): the reference is that permutation followed by ``nn.Conv2d(groups=G)``;
       * ``all``: every group's maps, gathered and concatenated (a cross-group layer):
         the reference is a dense ``nn.Conv2d(C_in, C_out)``;
       * ``replicated``: the same full input for every group (e.g. the image at conv1).
@@ -132,16 +159,15 @@ class GroupConv2d(_GroupSharded):
 
     def __init__(self, placement, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0, input_mode: str = "own",
-                 name: str = "conv", dilation: int | tuple[int, int] = 1, bias: bool = True):
-        super().__init__(placement, out_channels, input_mode, name, uneven_ok=False)
-        G = placement.groups
-        if input_mode == "own" and in_channels % G:
-            raise ValueError(f"{name}: {in_channels} input channels do not divide by {G} groups")
+                 name: str = "conv", dilation: int | tuple[int, int] = 1, bias: bool = True,
+                 groups: int | None = None):
+        super().__init__(placement, in_channels, out_channels, input_mode, name, uneven_ok=False, groups=groups)
+        grouped = input_mode in ("own", "shuffle")
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.in_per_filter = in_channels // G if input_mode == "own" else in_channels
+        self.in_per_filter = in_channels // self.groups if grouped else in_channels
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
             self._add_block((hi - lo, self.in_per_filter, *_pair(kernel_size)), slot.device, bias)
-        self.slot_conv_groups = [s.count if input_mode == "own" else 1 for s in placement.local_slots]
+        self.slot_conv_groups = [self.per_slot if grouped else 1 for _ in placement.local_slots]
         # How a slot holding k > 1 groups computes them; both give the same Y_g (see FORMULATIONS).
         self.formulation = "grouped"
         self.reset_parameters()
@@ -152,9 +178,9 @@ class GroupConv2d(_GroupSharded):
     #: see ``parallel.tuning``.
     FORMULATIONS = ("grouped", "split")
 
-    def forward(self, x) -> list[torch.Tensor]:
-        return [self._conv(xi, w, self._bias(i), k)
-                for i, (xi, w, k) in enumerate(zip(self._inputs(x), self.weights, self.slot_conv_groups))]
+    def forward(self, x) -> Sharded:
+        return self._output([self._conv(xi, w, self._bias(i), k)
+                             for i, (xi, w, k) in enumerate(zip(self._inputs(x), self.weights, self.slot_conv_groups))])
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int) -> torch.Tensor:
         if k == 1 or self.formulation == "grouped":
@@ -172,26 +198,25 @@ class GroupLinear(_GroupSharded):
     ``all``: X_in(g) is every group's features, gathered and concatenated (4-D maps are
     flattened after gathering, which is the reference's flatten order);
     ``own``: X_in(g) is group g's own features, a block-diagonal A (the reference is a
-    grouped 1x1 convolution); a slot holding k groups does one batched matmul.
+    grouped 1x1 convolution); ``shuffle``: the same after a channel shuffle; a slot holding
+    k groups does one batched matmul.
     """
 
     def __init__(self, placement, in_features: int, out_features: int, input_mode: str = "all",
-                 name: str = "fc", bias: bool = True):
-        super().__init__(placement, out_features, input_mode, name, uneven_ok=input_mode != "own")
-        G = placement.groups
-        if input_mode == "own" and in_features % G:
-            raise ValueError(f"{name}: {in_features} input features do not divide by {G} groups")
-        self.in_per_output = in_features // G if input_mode == "own" else in_features
+                 name: str = "fc", bias: bool = True, groups: int | None = None):
+        super().__init__(placement, in_features, out_features, input_mode, name, uneven_ok=True, groups=groups)
+        self.block_diagonal = input_mode in ("own", "shuffle")
+        self.in_per_output = in_features // self.groups if self.block_diagonal else in_features
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
             self._add_block((hi - lo, self.in_per_output), slot.device, bias)
         self.reset_parameters()
 
-    def forward(self, x) -> list[torch.Tensor]:
+    def forward(self, x) -> Sharded:
         out = []
-        for i, (xi, w, slot) in enumerate(zip(self._inputs(x), self.weights, self.placement.local_slots)):
+        for i, (xi, w) in enumerate(zip(self._inputs(x), self.weights)):
             xi = xi.flatten(1)
             b = self._bias(i)
-            k = slot.count if self.input_mode == "own" else 1
+            k = self.per_slot if self.block_diagonal else 1
             if k == 1:
                 out.append(F.linear(xi, w, b))
             else:  # k groups, block-diagonal: (k, N, in_g) @ (k, in_g, out_g)
@@ -199,7 +224,7 @@ class GroupLinear(_GroupSharded):
                 y = torch.bmm(xi.view(n, k, -1).transpose(0, 1), w.view(k, -1, w.shape[1]).transpose(1, 2))
                 y = y.transpose(0, 1).reshape(n, -1)
                 out.append(y + b if b is not None else y)
-        return out
+        return self._output(out)
 
 
 class PerGroup(nn.Module):
@@ -229,10 +254,10 @@ class PerGroup(nn.Module):
         self.module = module
         self.channel_wise = channel_wise
 
-    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, x: Sharded) -> Sharded:
+        k = x.groups // self.placement.num_slots  # the producing layer's groups per slot
         out = []
-        for xi, slot in zip(x, self.placement.local_slots):
-            k = slot.count
+        for xi in x.parts:
             if self.channel_wise or k == 1:
                 out.append(self.module(xi))
             elif getattr(self.module, "groups_aware", False):
@@ -241,12 +266,12 @@ class PerGroup(nn.Module):
                 n = xi.shape[0]
                 y = self.module(xi.reshape(n * k, xi.shape[1] // k, *xi.shape[2:]))
                 out.append(y.reshape(n, -1, *y.shape[2:]))
-        return out
+        return Sharded(tuple(out), x.group_sizes)
 
 
-def gather_output(placement, x: list[torch.Tensor], group_sizes: list[int], name: str = "logits") -> torch.Tensor:
+def gather_output(placement, x: Sharded, name: str = "logits") -> torch.Tensor:
     """All groups' outputs concatenated along features where the loss is computed."""
-    return placement.gather_output(list(x), 1, name, group_sizes)
+    return placement.gather_output(list(x.parts), 1, name, x.group_sizes)
 
 
 def sharded_layers(model: nn.Module) -> dict[str, _GroupSharded]:

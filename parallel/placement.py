@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.comm import CommCounter, gather_to_devices, received_bytes
+from parallel.comm import CommCounter, all_gather_bytes, gather_to_devices, shuffle_bytes, shuffle_to_devices
 
 
 class PlacementError(ValueError):
@@ -66,14 +66,32 @@ def resolve_devices(devices, groups: int) -> list[str]:
 
 @dataclass
 class Slot:
-    """One place that computes a contiguous block of groups ``[first, first + count)``."""
+    """One place (a device, or a process) that computes a contiguous block of every layer's groups.
+
+    Slot ``index`` of K computes groups ``[index * G/K, (index + 1) * G/K)`` of a layer with G
+    groups; ``first`` / ``count`` are that block for the placement's own ``groups``.
+    """
     device: torch.device
+    index: int
     first: int
     count: int
 
     @property
     def groups(self) -> range:
         return range(self.first, self.first + self.count)
+
+    def groups_of(self, groups: int, num_slots: int) -> range:
+        """This slot's block of a layer with ``groups`` groups (a multiple of ``num_slots``)."""
+        per = groups // num_slots
+        return range(self.index * per, (self.index + 1) * per)
+
+
+def check_dealable(groups: int, num_slots: int, name: str) -> None:
+    """A layer's groups must be dealt evenly to the slots, so each slot reads only the maps it holds."""
+    if groups < 1 or groups % num_slots:
+        allowed = ", ".join(str(num_slots * k) for k in range(1, 5))
+        raise PlacementError(f"{name}: {groups} groups cannot be dealt evenly to {num_slots} slots; "
+                             f"use a multiple of {num_slots} ({allowed}, ...)")
 
 
 class LocalPlacement:
@@ -100,8 +118,8 @@ class LocalPlacement:
                 f"use a number of devices that divides {groups}")
         self.slots: list[Slot] = []
         first = 0
-        for dev, count in zip(devices, counts):
-            self.slots.append(Slot(torch.device(dev), first, count))
+        for index, (dev, count) in enumerate(zip(devices, counts)):
+            self.slots.append(Slot(torch.device(dev), index, first, count))
             first += count
         self.counter = counter if counter is not None else CommCounter()
 
@@ -110,27 +128,9 @@ class LocalPlacement:
     def local_slots(self) -> list[Slot]:
         return self.slots
 
-    # One process, one replica: nothing to average or reduce across processes.
-    is_main = True
-    num_replicas = 1
-    replica = 0
-    process_index = 0
-
-    def sync_gradients(self, params) -> None:
-        pass
-
-    def barrier(self) -> None:
-        pass
-
-    def any_rank(self, flag: bool) -> bool:
-        return flag
-
-    def any_rank_async(self, flag: bool):
-        """A vote that is already decided: one process has no one to ask."""
-        return lambda: flag
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
 
     @property
     def input_device(self) -> torch.device:
@@ -142,33 +142,36 @@ class LocalPlacement:
         """Where the gathered logits (and the loss) live: slot 0's device."""
         return self.slots[0].device
 
-    def gather(self, shards: list[torch.Tensor], dim: int, name: str,
-               group_sizes: list[int] | None = None) -> list[torch.Tensor]:
+    def gather(self, shards: list[torch.Tensor], dim: int, name: str, group_sizes) -> list[torch.Tensor]:
         """Give every local slot the concatenation of all groups' shards along ``dim``.
 
         Used at cross-group layers; the consumers compute different output channels, so
         the backward pass sums the gradients from every consumer back onto each shard.
-        ``group_sizes`` (each group's share of ``dim``) defaults to an even split.
+        ``group_sizes``: each group's share of ``dim`` (from the ``Sharded`` activation).
         """
-        sizes = group_sizes or split_sizes(sum(s.shape[dim] for s in shards), self.groups)
-        nbytes = received_bytes(_nbytes(shards), sizes, list(range(self.groups)))
+        nbytes = all_gather_bytes(_nbytes(shards), group_sizes)
         # Recorded even with one slot: the groups inside it still "exchange" their maps,
         # so the counter does not depend on the placement.
         self.counter.record(name, nbytes, nbytes)
         return gather_to_devices(shards, [s.device for s in self.slots], dim)
 
-    def gather_output(self, shards: list[torch.Tensor], dim: int, name: str,
-                      group_sizes: list[int] | None = None) -> torch.Tensor:
+    def gather_output(self, shards: list[torch.Tensor], dim: int, name: str, group_sizes) -> torch.Tensor:
         """Concatenate all groups' outputs onto ``output_device``, where the loss is computed once.
 
         Counted by the rule both placements share for a replicated consumer: every group
         receives the other groups' shares (one process per group does exactly that, so each
         computes the loss), and the backward pass moves nothing (each keeps its own slice).
         """
-        sizes = group_sizes or split_sizes(sum(s.shape[dim] for s in shards), self.groups)
-        nbytes = received_bytes(_nbytes(shards), sizes, list(range(self.groups)))
-        self.counter.record(name, nbytes, 0)
+        self.counter.record(name, all_gather_bytes(_nbytes(shards), group_sizes), 0)
         return gather_to_devices(shards, [self.output_device], dim)[0]
+
+    def shuffle(self, shards: list[torch.Tensor], name: str, groups: int) -> list[torch.Tensor]:
+        """Channel shuffle (dim 1) over ``groups`` equal groups: group g receives the g-th 1/G
+        slice of every group's maps. Between slots, a copy of each piece; inside a slot, a
+        permutation. Counted as (G - 1) / G of the maps each way, whatever the slots."""
+        nbytes = shuffle_bytes(_nbytes(shards), groups)
+        self.counter.record(name, nbytes, nbytes)
+        return shuffle_to_devices(shards, [s.device for s in self.slots], groups)
 
     def assemble_rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Stack every slot's rows (dim 0) in group order into the full tensor, on CPU."""

@@ -192,9 +192,9 @@ def _dist_worker(rank: int, world: int, port: int, geometry: str, batch: int, st
                       LOCAL_RANK=str(rank))
     import torch.distributed as dist
     from parallel import CommCounter
-    from parallel.distributed import DistributedPlacement
+    from parallel.distributed import init_from_env
     spec = spec_from_config(load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"]))
-    placement = DistributedPlacement.from_env(world, backend, counter=CommCounter(timed=True))
+    placement, _ = init_from_env(world, backend, counter=CommCounter(timed=True))
     model = GroupAlexNet(spec, placement)
     setting = Setting(placement.device)
     x, y = setting.batch(spec, batch)
@@ -262,7 +262,7 @@ def model_only_like(cfg: dict, steps: int, rounds: int) -> float:
     """Images/s of train.py's own model and settings (incl. compile) on one fixed batch: no loader."""
     from alexnet import accel
     from alexnet.fit import build_run
-    spec, placement, model, optimizer = build_run(cfg)
+    spec, placement, _, model, optimizer = build_run(cfg)
     setting = Setting(placement.input_device, cfg["train"]["precision"],
                       accel.on_cuda(placement) and cfg["train"]["channels_last"])
     x, y = setting.batch(spec, cfg["data"]["batch_size"])
@@ -300,9 +300,9 @@ def bench_loader(source: str, setting: Setting, batch: int, jpeg_root: str | Non
                  fake_samples: int, fashion_limit: int = 0, epochs: int = 3) -> float:
     """Images/s of train.py's training loader alone (batches on the device, no model), epochs after the first."""
     from alexnet.build import data_from_config
-    from parallel import LocalPlacement
+    from parallel import LocalPlacement, LocalRuntime
     cfg = e2e_config(source, 2, setting, batch, False, "unused", jpeg_root, workers, fake_samples, fashion_limit)
-    loader, _ = data_from_config(cfg, LocalPlacement(2, [str(setting.device)]))
+    loader, _ = data_from_config(cfg, LocalPlacement(2, [str(setting.device)]), LocalRuntime())
     rates = []
     for epoch in range(epochs):
         loader.set_epoch(epoch)

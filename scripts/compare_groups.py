@@ -1,11 +1,12 @@
-"""Run a config family over G = 1..4 and several seeds, then write the comparison report.
+"""Run a config family (G = 1..4, or any of its configs) over several seeds, then write the comparison report.
 
   python scripts/compare_groups.py configs/fashion_mnist --seeds 0 1 2
+  python scripts/compare_groups.py configs/fashion_mnist --configs g1 g2 g4 g4_shuffle root --seeds 0 1 2
   python scripts/compare_groups.py configs/fashion_mnist --seeds 0 --set train.epochs=2 --runs-dir runs/demo
   python scripts/compare_groups.py configs/fashion_mnist --collect-only     # report from existing runs
   tensorboard --logdir runs/fashion_mnist                                  # every run side by side
 
-Each run goes to runs/<family>/g<G>-s<seed>/ (or --runs-dir). A run whose summary.json
+Each run goes to runs/<family>/<config>-s<seed>/ (or --runs-dir), e.g. g2-s0 or root-s1. A run whose summary.json
 exists is skipped; one with a checkpoint but no summary is resumed, so the study can be
 stopped (Ctrl-C) and started again at any time without losing finished work. A run
 folder trained with other settings is an error, never silently mixed in. The report
@@ -32,19 +33,25 @@ from parallel.placement import PlacementError  # noqa: E402
 from scripts.study_report import build_report  # noqa: E402
 
 
-def plan(config_dir: str, groups: list[int], seeds: list[int], overrides: list[str],
+def plan(config_dir: str, configs: list, seeds: list[int], overrides: list[str],
          runs_dir: str | None = None) -> list[dict]:
-    """Every (G, seed) run with its resolved config and state: done, resume or new."""
+    """Every (config, seed) run with its resolved config and state: done, resume or new.
+
+    ``configs``: file names in ``config_dir`` without .yaml (``g4_shuffle``); a number G means ``g<G>``.
+    """
     if any(o.split("=", 1)[0].strip() in ("run.dir", "run.seed", "model.groups") for o in overrides):
         raise ConfigError("compare_groups sets run.dir, run.seed and model.groups itself; drop them from --set "
                           "(use --runs-dir for another folder)")
     runs = []
-    for G in groups:
-        path = os.path.join(config_dir, f"g{G}.yaml")
+    for name in configs:
+        name = f"g{name}" if isinstance(name, int) else name
+        path = os.path.join(config_dir, f"{name}.yaml")
         if not os.path.isfile(path):
-            raise ConfigError(f"{path} does not exist; the family needs g1.yaml .. g4.yaml (or pass --groups)")
+            present = sorted(f[:-5] for f in os.listdir(config_dir) if f.endswith(".yaml") and f != "base.yaml") \
+                if os.path.isdir(config_dir) else []
+            raise ConfigError(f"{path} does not exist; configs in {config_dir}: {', '.join(present) or 'none'}")
         for seed in seeds:
-            extra = [f"run.seed={seed}"] + ([f"run.dir={os.path.join(runs_dir, f'g{G}-s{seed}')}"] if runs_dir else [])
+            extra = [f"run.seed={seed}"] + ([f"run.dir={os.path.join(runs_dir, f'{name}-s{seed}')}"] if runs_dir else [])
             cfg = load(path, overrides + extra)
             run_dir = cfg["run"]["dir"]
             check_same_settings(cfg, run_dir)
@@ -54,7 +61,7 @@ def plan(config_dir: str, groups: list[int], seeds: list[int], overrides: list[s
                 state = "resume"
             else:
                 state = "new"
-            runs.append({"groups": G, "seed": seed, "cfg": cfg, "dir": run_dir, "state": state})
+            runs.append({"name": name, "seed": seed, "cfg": cfg, "dir": run_dir, "state": state})
     return runs
 
 
@@ -79,14 +86,14 @@ def run_study(runs: list[dict]) -> None:
     spent, epochs_done = 0.0, 0
     for i, r in enumerate(todo, 1):
         eta = f"{(spent / epochs_done) * epochs_left / 60:.1f} min" if epochs_done else "after the first run"
-        print(f"[{i}/{len(todo)}] G={r['groups']} seed={r['seed']} -> {r['dir']} "
+        print(f"[{i}/{len(todo)}] {r['name']} seed={r['seed']} -> {r['dir']} "
               f"({'resuming' if r['state'] == 'resume' else 'new'}); study ETA {eta}", flush=True)
         start = time.perf_counter()
         summary = fit(r["cfg"], resume="latest" if r["state"] == "resume" else None)
         spent += time.perf_counter() - start
         epochs_done += summary["epochs"]
         epochs_left -= r["cfg"]["train"]["epochs"]
-        print(f"[{i}/{len(todo)}] G={r['groups']} seed={r['seed']}: final val top-1 "
+        print(f"[{i}/{len(todo)}] {r['name']} seed={r['seed']}: final val top-1 "
               f"{summary['final_val_top1_err']:.2f}%, {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -95,7 +102,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config_dir", help="a config family folder holding g1.yaml .. g4.yaml, e.g. configs/fashion_mnist")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--groups", nargs="+", type=int, default=[1, 2, 3, 4])
+    p.add_argument("--groups", nargs="+", type=int, default=[1, 2, 3, 4], help="G values: configs g<G>.yaml")
+    p.add_argument("--configs", nargs="+", metavar="NAME",
+                   help="config names in the folder instead of --groups, e.g. g1 g2 g4 g4_shuffle root")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--runs-dir", help="folder for this study's runs (default runs/<family>)")
     p.add_argument("--collect-only", action="store_true", help="only build the report from existing runs")
@@ -103,7 +112,7 @@ def main(argv=None) -> int:
                    help="--collect-only: report even when some requested runs have not finished (named as a warning)")
     args = p.parse_args(argv)
     try:
-        runs = plan(args.config_dir, args.groups, args.seeds, args.overrides, args.runs_dir)
+        runs = plan(args.config_dir, args.configs or args.groups, args.seeds, args.overrides, args.runs_dir)
         if not args.collect_only:
             run_study(runs)
     except (ConfigError, SpecError, PlacementError, DataError, CheckpointError) as e:
@@ -116,7 +125,7 @@ def main(argv=None) -> int:
         print("\nstudy interrupted: finished runs are kept; run the same command to continue", file=sys.stderr)
         return 130
     family_dir = os.path.dirname(os.path.normpath(runs[0]["dir"]))
-    missing = [f"G={r['groups']} seed {r['seed']} ({r['dir']})" for r in runs
+    missing = [f"{r['name']} seed {r['seed']} ({r['dir']})" for r in runs
                if not os.path.isfile(os.path.join(r["dir"], "summary.json"))]
     if missing and not args.allow_missing:
         print(f"error: requested runs have not finished: {', '.join(missing)}; train them (run without "

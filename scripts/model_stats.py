@@ -22,10 +22,11 @@ from alexnet.spec import SpecError  # noqa: E402
 
 
 def table(spec) -> str:
-    cross = spec.cross_group_bytes_per_image()
+    cross = spec.cross_group_bytes(1)
     rows = [("layer", "input", "output", "params", "MACs", "x-group B/img (fwd)")]
     for layer in spec.layers():
-        kind = "per group" if layer.grouped else ("cross-group" if layer.cross else "whole input")
+        kind = {"own": f"per group, G={layer.groups}", "shuffle": f"shuffled, G={layer.groups}",
+                "all": "cross-group", "replicated": "whole input"}[layer.exchange]
         rows.append((f"{layer.name} ({kind})", "x".join(map(str, layer.in_shape)), "x".join(map(str, layer.out_shape)),
                      f"{layer.params:,}", f"{layer.macs:,}", f"{cross.get(layer.name, 0):,}"))
     rows.append(("total", "", "", f"{spec.params():,}", f"{spec.macs():,}", f"{sum(cross.values()):,}"))
@@ -47,8 +48,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path, spec in zip(args.config, specs):
-        print(f"{path}: AlexNet, G = {spec.groups}, input {spec.in_channels}x{spec.input_size}x{spec.input_size}, "
-              f"{spec.num_classes} classes, cross-group layers: {', '.join(spec.cross_group)}")
+        print(f"{path}: AlexNet, G = {spec.label}, input {spec.in_channels}x{spec.input_size}x{spec.input_size}, "
+              f"{spec.num_classes} classes, exchanges: {spec.exchanges}")
         print(table(spec))
         print()
     print("x-group B/img: bytes all groups receive from the other groups per image in the forward pass "

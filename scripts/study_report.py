@@ -1,14 +1,15 @@
 """The group-count report, computed from the runs' own files (metrics.jsonl, summary.json).
 
 A header says what was run (family, epochs, batch, data limit, train/val sizes, seeds,
-device, torch, commit). Rows per G: parameters, multiply-accumulates (and relative to
+device, torch, commit). Rows per config (runs named <config>-s<seed>: g1 .. g4, and any
+other member of the family such as g4_shuffle or root, shown with its per-layer G): parameters, multiply-accumulates (and relative to
 G = 1), final and best validation top-1/top-5 error as mean and sample standard deviation
 over seeds with n, the difference of final top-1 to G = 1 with a 95% confidence interval
 (paired by seed where the seeds match, else Welch; ``study_stats``), the mean |correlation|
 of conv1 filters within and between groups, images/s and cross-group MB per step; then
 Ioannou's ImageNet rows (Ioannou et al., Deep Roots, CVPR 2017) for comparison, a statement computed from the numbers
 that says "inconclusive" when the interval includes 0, and warnings (few seeds, missing
-runs, runs still improving). comparison.csv holds one row per run and one per G.
+runs, runs still improving). comparison.csv holds one row per run and one per config.
 """
 from __future__ import annotations
 
@@ -24,14 +25,15 @@ try:
 except ImportError:  # run as a file: scripts/ is on sys.path
     from study_stats import difference, verdict
 
-RUN_NAME = re.compile(r"^g(\d+)-s(\d+)$")
+RUN_NAME = re.compile(r"^(.+)-s(\d+)$")
+BASELINE = "g1"
 # Ioannou's AlexNet on ILSVRC-2012 (Ioannou et al., Deep Roots, CVPR 2017): reference only, not measured here.
 IMAGENET_REFERENCE = [
     {"groups": 1, "top1": 41.80, "top5": 18.97, "params": 62_378_344, "macs": 1_135_266_664},
     {"groups": 2, "top1": 41.84, "top5": 18.14, "params": 60_965_224, "macs": 724_417_384},
     {"groups": 4, "top1": 43.46, "top5": 19.38, "params": 60_258_664, "macs": 518_992_744},
 ]
-COLUMNS = ["kind", "groups", "seed", "params", "macs", "macs_rel_g1", "final_top1_mean", "final_top1_std",
+COLUMNS = ["kind", "config", "groups", "exchanges", "seed", "params", "macs", "macs_rel_g1", "final_top1_mean", "final_top1_std",
            "final_top5_mean", "final_top5_std", "best_top1_mean", "best_top1_std", "best_top5_mean", "best_top5_std",
            "seeds", "diff_top1_vs_g1", "diff_ci_low", "diff_ci_high", "diff_method", "corr_within_mean",
            "corr_within_std", "corr_between_mean", "corr_between_std", "images_per_s", "cross_group_mb_per_step"]
@@ -52,16 +54,31 @@ def read_run(run_dir: str) -> dict | None:
     return {"summary": summary, "history": history} if history else None
 
 
-def collect(family_dir: str) -> dict[int, list[dict]]:
-    """{G: [run, ...]} for every finished run named g<G>-s<seed> under ``family_dir``."""
-    runs: dict[int, list[dict]] = {}
+def config_order(name: str) -> tuple:
+    """g1, g2, g3, g4 first (by G), then the other configs by name."""
+    match = re.fullmatch(r"g(\d+)", name)
+    return (0, int(match.group(1)), "") if match else (1, 0, name)
+
+
+def collect(family_dir: str) -> dict[str, list[dict]]:
+    """{config: [run, ...]} for every finished run named <config>-s<seed> under ``family_dir``, in config order."""
+    runs: dict[str, list[dict]] = {}
     for name in sorted(os.listdir(family_dir)) if os.path.isdir(family_dir) else []:
         match = RUN_NAME.match(name)
         run = read_run(os.path.join(family_dir, name)) if match else None
         if run:
             run["seed"] = int(match.group(2))
-            runs.setdefault(int(match.group(1)), []).append(run)
-    return runs
+            runs.setdefault(match.group(1), []).append(run)
+    return {name: runs[name] for name in sorted(runs, key=config_order)}
+
+
+def groups_label(groups) -> str:
+    return "-".join(map(str, groups)) if isinstance(groups, list) else str(groups)
+
+
+def exchanges_of(run: dict) -> str:
+    """Where the groups exchange maps, from the run's summary (older runs: the paper's layers)."""
+    return run["summary"].get("exchanges", exchanges_default())
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -74,21 +91,22 @@ def _final(run: dict, key: str) -> float:
     return run["history"][-1].get(key, math.nan)
 
 
-def rows(runs: dict[int, list[dict]]) -> list[dict]:
-    """One aggregated row per G (mean, sample std and n over seeds; the difference to G = 1 with its CI)."""
+def rows(runs: dict[str, list[dict]]) -> list[dict]:
+    """One aggregated row per config (mean, sample std and n over seeds; the difference to G = 1 with its CI)."""
     out = []
-    base_macs = runs[1][0]["summary"]["macs"] if 1 in runs else None
-    base = {r["seed"]: _final(r, "val_top1_err") for r in runs.get(1, [])}
-    for G in sorted(runs):
-        group = runs[G]
+    base_macs = runs[BASELINE][0]["summary"]["macs"] if BASELINE in runs else None
+    base = {r["seed"]: _final(r, "val_top1_err") for r in runs.get(BASELINE, [])}
+    for name, group in runs.items():
         hist = [r["history"] for r in group]
-        row = {"kind": "mean over seeds", "groups": G, "seed": "", "params": group[0]["summary"]["params"],
+        row = {"kind": "mean over seeds", "config": name, "groups": groups_label(group[0]["summary"]["groups"]),
+               "exchanges": exchanges_of(group[0]), "seed": "", "params": group[0]["summary"]["params"],
                "macs": group[0]["summary"]["macs"], "seeds": len(group)}
         row["macs_rel_g1"] = row["macs"] / base_macs if base_macs else math.nan
         for kind, pick in (("final", lambda h, k: h[-1][k]), ("best", lambda h, k: min(e[k] for e in h))):
             for k, key in (("top1", "val_top1_err"), ("top5", "val_top5_err")):
                 row[f"{kind}_{k}_mean"], row[f"{kind}_{k}_std"] = mean_std([pick(h, key) for h in hist])
-        d = difference(base, {r["seed"]: _final(r, "val_top1_err") for r in group}) if base and G != 1 else None
+        d = difference(base, {r["seed"]: _final(r, "val_top1_err") for r in group}) if base and name != BASELINE \
+            else None
         row["diff_top1_vs_g1"] = d["diff"] if d else math.nan
         row["diff_ci_low"], row["diff_ci_high"] = (d["low"], d["high"]) if d else (math.nan, math.nan)
         row["diff_method"] = d["method"] if d else ""
@@ -105,13 +123,14 @@ def rows(runs: dict[int, list[dict]]) -> list[dict]:
     return out
 
 
-def run_rows(runs: dict[int, list[dict]]) -> list[dict]:
+def run_rows(runs: dict[str, list[dict]]) -> list[dict]:
     """One row per run, beside the aggregated ones in comparison.csv."""
     out = []
-    for G in sorted(runs):
-        for r in sorted(runs[G], key=lambda r: r["seed"]):
+    for name, group in runs.items():
+        for r in sorted(group, key=lambda r: r["seed"]):
             h = r["history"]
-            out.append({"kind": "run", "groups": G, "seed": r["seed"], "params": r["summary"]["params"],
+            out.append({"kind": "run", "config": name, "groups": groups_label(r["summary"]["groups"]),
+                        "exchanges": exchanges_of(r), "seed": r["seed"], "params": r["summary"]["params"],
                         "macs": r["summary"]["macs"], "seeds": 1,
                         "final_top1_mean": h[-1]["val_top1_err"], "final_top5_mean": h[-1]["val_top5_err"],
                         "best_top1_mean": min(e["val_top1_err"] for e in h),
@@ -123,7 +142,7 @@ def run_rows(runs: dict[int, list[dict]]) -> list[dict]:
     return out
 
 
-def settings(runs: dict[int, list[dict]]) -> dict:
+def settings(runs: dict[str, list[dict]]) -> dict:
     """What was run, from the runs' summary.json (values that differ between runs are listed)."""
     found: dict[str, list] = {}
     for group in runs.values():
@@ -132,8 +151,8 @@ def settings(runs: dict[int, list[dict]]) -> dict:
                 if value not in found.setdefault(key, []):
                     found[key].append(value)
     out = {key: values[0] if len(values) == 1 else values for key, values in found.items()}
-    if isinstance(out.get("placement"), list):  # one description per G: say what they share
-        devices = sorted({p.rsplit(" on ", 1)[-1] for p in out["placement"]})
+    if isinstance(out.get("placement"), list):  # one description per config: say what they share
+        devices = sorted({p.rsplit(" on ", 1)[-1].rstrip(")") for p in out["placement"]})
         out["placement"] = f"groups on {', '.join(devices)}"
     out["seeds"] = sorted({r["seed"] for group in runs.values() for r in group})
     return out
@@ -153,13 +172,13 @@ def settings_line(info: dict, family: str) -> str:
 
 def warnings(table: list[dict], missing: list[str]) -> list[str]:
     out = []
-    small = [f"G = {r['groups']}: n = {r['seeds']}" for r in table if r["seeds"] < 3]
+    small = [f"{r['config']}: n = {r['seeds']}" for r in table if r["seeds"] < 3]
     if small:
         out.append(f"fewer than 3 seeds ({', '.join(small)}): standard deviations and intervals are unreliable "
                    "or missing; run more seeds (--seeds 0 1 2)")
     if missing:
         out.append(f"requested runs missing: {', '.join(missing)}; they are left out of every number here")
-    learning = [f"G = {r['groups']} ({r['last_epoch_drop']:.1f})" for r in table
+    learning = [f"{r['config']} ({r['last_epoch_drop']:.1f})" for r in table
                 if not math.isnan(r["last_epoch_drop"]) and r["last_epoch_drop"] > STILL_LEARNING_POINTS]
     if learning:
         out.append(f"not converged: val top-1 error still fell by more than {STILL_LEARNING_POINTS:g} point in the "
@@ -169,14 +188,32 @@ def warnings(table: list[dict], missing: list[str]) -> list[str]:
 
 def statement(table: list[dict]) -> str:
     """What the data shows about G = 2 against G = 1, computed, never canned."""
-    by_g = {r["groups"]: r for r in table}
-    if 1 not in by_g or 2 not in by_g:
+    by_name = {r["config"]: r for r in table}
+    if BASELINE not in by_name or "g2" not in by_name:
         return "G = 1 and G = 2 are both needed for the comparison; run them first."
-    g1, g2 = by_g[1], by_g[2]
+    g1, g2 = by_name[BASELINE], by_name["g2"]
     drop = 100.0 * (1 - g2["macs"] / g1["macs"])
     return (f"Final val top-1 error: G = 1 {_pm(g1['final_top1_mean'], g1['final_top1_std'])}% (n = {g1['seeds']}), "
             f"G = 2 {_pm(g2['final_top1_mean'], g2['final_top1_std'])}% (n = {g2['seeds']}); "
             f"{verdict(g2['diff'])}; multiply-accumulates drop by {drop:.1f}% ({g1['macs']:,} -> {g2['macs']:,}).")
+
+
+def other_statements(table: list[dict]) -> list[str]:
+    """The same computed sentence for every config beyond g1/g2 (g4_shuffle, root, ...) against G = 1."""
+    by_name = {r["config"]: r for r in table}
+    if BASELINE not in by_name:
+        return []
+    g1 = by_name[BASELINE]
+    out = []
+    for r in table:
+        if r["config"] in (BASELINE, "g2") or not r.get("diff"):
+            continue
+        change = 100.0 * (r["macs"] / g1["macs"] - 1)
+        out.append(f"{r['config']} (G = {r['groups']}; {r['exchanges']}): "
+                   f"{verdict(r['diff'], what=r['config'], than='G = 1')}; multiply-accumulates "
+                   f"{'+' if change >= 0 else ''}{change:.1f}%, cross-group traffic {r['cross_group_mb_per_step']:.2f} "
+                   "MB/step.")
+    return out
 
 
 def correlation_statement(table: list[dict]) -> str | None:
@@ -184,7 +221,7 @@ def correlation_statement(table: list[dict]) -> str | None:
     rows_with = [r for r in table if not math.isnan(r["corr_between_mean"])]
     if not rows_with:
         return None
-    parts = [f"G = {r['groups']}: within {r['corr_within_mean']:.3f}, between {r['corr_between_mean']:.3f}"
+    parts = [f"{r['config']}: within {r['corr_within_mean']:.3f}, between {r['corr_between_mean']:.3f}"
              for r in rows_with]
     lower = [r for r in rows_with if r["corr_between_mean"] < r["corr_within_mean"]]
     claim = ("between-group correlation is lower in every G" if len(lower) == len(rows_with) else
@@ -199,7 +236,7 @@ def _pm(mean: float, std: float) -> str:
 
 
 def _ci(r: dict) -> str:
-    if r["groups"] == 1 or math.isnan(r["diff_top1_vs_g1"]):
+    if r["config"] == BASELINE or math.isnan(r["diff_top1_vs_g1"]):
         return ""
     if math.isnan(r["diff_ci_low"]):
         return f"{r['diff_top1_vs_g1']:+.2f} (no CI)"
@@ -208,14 +245,15 @@ def _ci(r: dict) -> str:
 
 def markdown(table: list[dict], family: str, info: dict | None = None, missing: list[str] = ()) -> str:
     lines = [f"# Group-count comparison: {family}", "", settings_line(info or {}, family), "",
-             "| G | params | MACs | MACs vs G=1 | final top-1 err % | Δ top-1 vs G=1 (95% CI) | final top-5 err % | "
-             "best top-1 err % | n | conv1 corr within / between | images/s | cross-group MB/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | G | params | MACs | MACs vs G=1 | final top-1 err % | Δ top-1 vs G=1 (95% CI) | "
+             "final top-5 err % | best top-1 err % | n | conv1 corr within / between | images/s | "
+             "cross-group MB/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         corr = "" if math.isnan(r["corr_within_mean"]) else (
             f"{r['corr_within_mean']:.3f} / " + ("–" if math.isnan(r["corr_between_mean"])
                                                  else f"{r['corr_between_mean']:.3f}"))
-        lines.append(f"| {r['groups']} | {r['params']:,} | {r['macs']:,} | {r['macs_rel_g1']:.3f} | "
+        lines.append(f"| {r['config']} | {r['groups']} | {r['params']:,} | {r['macs']:,} | {r['macs_rel_g1']:.3f} | "
                      f"{_pm(r['final_top1_mean'], r['final_top1_std'])} | {_ci(r)} | "
                      f"{_pm(r['final_top5_mean'], r['final_top5_std'])} | "
                      f"{_pm(r['best_top1_mean'], r['best_top1_std'])} | {r['seeds']} | {corr} | "
@@ -230,12 +268,21 @@ def markdown(table: list[dict], family: str, info: dict | None = None, missing: 
     for r in IMAGENET_REFERENCE:
         lines.append(f"| {r['groups']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['params']:,} | {r['macs']:,} |")
     lines += ["", statement(table), ""]
+    for sentence in other_statements(table):
+        lines += [sentence, ""]
+    exchanges = sorted({(r["config"], r["exchanges"]) for r in table if r["exchanges"] != exchanges_default()})
+    if exchanges:
+        lines += ["Exchanges other than the paper's: " + "; ".join(f"{c}: {e}" for c, e in exchanges) + ".", ""]
     corr = correlation_statement(table)
     if corr:
         lines += [corr, ""]
     for w in warnings(table, list(missing)):
         lines += [f"Warning: {w}.", ""]
     return "\n".join(lines)
+
+
+def exchanges_default() -> str:
+    return "conv3 all, fc6 all, fc7 all, fc8 all"
 
 
 def write_csv(table: list[dict], per_run: list[dict], path: str) -> None:
@@ -246,7 +293,7 @@ def write_csv(table: list[dict], per_run: list[dict], path: str) -> None:
             writer.writerow({k: r.get(k, "") for k in COLUMNS})
 
 
-def plot(runs: dict[int, list[dict]], table: list[dict], path: str, family: str, subtitle: str = "") -> None:
+def plot(runs: dict[str, list[dict]], table: list[dict], path: str, family: str, subtitle: str = "") -> None:
     """Val error against MACs and params (mean ± std over seeds, each seed a dot, G = 1's band across),
     and against epoch (band over seeds)."""
     import matplotlib
@@ -254,20 +301,20 @@ def plot(runs: dict[int, list[dict]], table: list[dict], path: str, family: str,
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    by_g = {r["groups"]: r for r in table}
+    by_name = {r["config"]: r for r in table}
     for ax, key, scale, label in ((axes[0], "macs", 1e6, "multiply-accumulates per image (millions)"),
                                   (axes[1], "params", 1e6, "parameters (millions)")):
-        if 1 in by_g and not math.isnan(by_g[1]["final_top1_std"]):
-            g1 = by_g[1]
+        if BASELINE in by_name and not math.isnan(by_name[BASELINE]["final_top1_std"]):
+            g1 = by_name[BASELINE]
             ax.axhspan(g1["final_top1_mean"] - g1["final_top1_std"], g1["final_top1_mean"] + g1["final_top1_std"],
                        color="grey", alpha=0.15, label="G = 1: mean ± 1 std")
         for r in table:
             x = r[key] / scale
             err = 0.0 if math.isnan(r["final_top1_std"]) else r["final_top1_std"]
             line = ax.errorbar(x, r["final_top1_mean"], yerr=err, fmt="o", capsize=4, ms=7)
-            seeds = [run["history"][-1]["val_top1_err"] for run in runs[r["groups"]]]
+            seeds = [run["history"][-1]["val_top1_err"] for run in runs[r["config"]]]
             ax.scatter([x] * len(seeds), seeds, s=14, alpha=0.6, color=line[0].get_color())
-            ax.annotate(f"G = {r['groups']}, n = {r['seeds']}", (x, r["final_top1_mean"]),
+            ax.annotate(f"{r['config']}, n = {r['seeds']}", (x, r["final_top1_mean"]),
                         textcoords="offset points", xytext=(7, 5), fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("final val top-1 error (%)")
@@ -276,15 +323,15 @@ def plot(runs: dict[int, list[dict]], table: list[dict], path: str, family: str,
         ax.margins(x=0.15, y=0.2)
     axes[0].set_title("error vs compute")
     axes[1].set_title("error vs parameters")
-    if 1 in by_g and not math.isnan(by_g[1]["final_top1_std"]):
+    if BASELINE in by_name and not math.isnan(by_name[BASELINE]["final_top1_std"]):
         axes[0].legend(loc="lower right", fontsize=8)
     ax = axes[2]
-    for G in sorted(runs):
-        epochs = min(len(r["history"]) for r in runs[G])
-        curves = [[e["val_top1_err"] for e in r["history"][:epochs]] for r in runs[G]]
+    for name, group in runs.items():
+        epochs = min(len(r["history"]) for r in group)
+        curves = [[e["val_top1_err"] for e in r["history"][:epochs]] for r in group]
         xs = list(range(1, epochs + 1))
         means = [statistics.fmean(c[i] for c in curves) for i in range(epochs)]
-        ax.plot(xs, means, marker="o", label=f"G = {G} (n = {len(curves)})")
+        ax.plot(xs, means, marker="o", label=f"{name} (n = {len(curves)})")
         if len(curves) > 1:
             stds = [statistics.stdev(c[i] for c in curves) for i in range(epochs)]
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)

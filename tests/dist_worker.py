@@ -18,23 +18,23 @@ def equivalence(rank: int, world: int, port: int, groups: int, out: str, steps: 
     from alexnet.init import init_reference_state
     from alexnet.model import GroupAlexNet
     from conftest import tiny_spec
-    from parallel.distributed import DistributedPlacement
+    from parallel.distributed import init_from_env
     spec = tiny_spec(groups)
-    placement = DistributedPlacement.from_env(groups, "gloo")
+    placement, runtime = init_from_env(groups, "gloo")
     model = GroupAlexNet(spec, placement)
     model.load_reference(init_reference_state(spec, 0))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 1, 32, 32, generator=gen)
     y = torch.randint(0, 10, (8,), generator=gen)
-    mine = torch.tensor_split(torch.arange(8), placement.num_replicas)[placement.replica]
+    mine = torch.tensor_split(torch.arange(8), runtime.num_replicas)[runtime.replica]
     logits = model(x[mine])
     loss = F.cross_entropy(logits, y[mine])
     loss.backward()
-    placement.sync_gradients(model.parameters())
+    runtime.sync_gradients(model.parameters())
     grads = model.to_reference(lambda p: p.grad)
     counted = placement.counter.snapshot()
-    all_logits = [torch.empty(0)] * placement.num_replicas
-    dist.all_gather_object(all_logits, logits.detach(), group=placement.data_pg)
+    all_logits = [torch.empty(0)] * runtime.num_replicas
+    dist.all_gather_object(all_logits, logits.detach(), group=runtime.data_pg)
     # a few SGD steps: the replica-averaged loss curve
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     curve = []
@@ -42,9 +42,9 @@ def equivalence(rank: int, world: int, port: int, groups: int, out: str, steps: 
         opt.zero_grad()
         loss = F.cross_entropy(model(x[mine]), y[mine])
         loss.backward()
-        placement.sync_gradients(model.parameters())
+        runtime.sync_gradients(model.parameters())
         opt.step()
-        curve.append(placement.all_reduce_sum(loss.detach().reshape(1)).item() / placement.num_replicas)
+        curve.append(runtime.all_reduce_sum(loss.detach().reshape(1)).item() / runtime.num_replicas)
     final = model.to_reference()
     if rank == 0:
         torch.save({"logits": torch.cat(all_logits), "grads": grads, "counted": counted, "curve": curve,
@@ -56,8 +56,8 @@ def uneven_chain(rank: int, world: int, port: int, out: str):
     """Two chained GroupLinear over ``world`` ranks with 10 features (3, 3, 2, 2 over 4): forward and backward."""
     setup(rank, world, port)
     from parallel import GroupLinear, gather_output
-    from parallel.distributed import DistributedPlacement
-    placement = DistributedPlacement.from_env(world, "gloo")
+    from parallel.distributed import init_from_env
+    placement, _ = init_from_env(world, "gloo")
     first = GroupLinear(placement, 6, 10, input_mode="replicated", name="a")
     second = GroupLinear(placement, 10, 10, input_mode="all", name="b")
     gen = torch.Generator().manual_seed(3)
@@ -66,7 +66,7 @@ def uneven_chain(rank: int, world: int, port: int, out: str):
     first.load_full(full["a"])
     second.load_full(full["b"])
     x = torch.randn(5, 6, generator=gen)
-    y = gather_output(placement, second(first(x)), second.group_out)
+    y = gather_output(placement, second(first(x)))
     y.square().sum().backward()
     grads = {name: placement.assemble_rows([layer.weights[0].grad])
              for name, layer in (("a", first), ("b", second))}
@@ -83,9 +83,9 @@ def resnext_equivalence(rank: int, world: int, port: int, out: str):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
     import resnext
     from parallel import load_full_state_dict
-    from parallel.distributed import DistributedPlacement
+    from parallel.distributed import init_from_env
     from parallel.layers import sharded_layers
-    placement = DistributedPlacement.from_env(world, "gloo")
+    placement, _ = init_from_env(world, "gloo")
     torch.manual_seed(0)
     reference = resnext.Reference(world)
     model = resnext.GroupResNeXt(placement)
@@ -99,4 +99,56 @@ def resnext_equivalence(rank: int, world: int, port: int, out: str):
              for name, layer in sharded_layers(model).items()}
     if rank == 0:
         torch.save({"logits": logits.detach(), "grads": grads}, out)
+    dist.destroy_process_group()
+
+
+def topology_equivalence(rank: int, world: int, port: int, spec_kw: dict, out: str):
+    """GroupAlexNet of ``spec_kw`` (per-layer groups, shuffles) over ``world`` ranks: logits and every
+    reference gradient on rank 0, plus the byte counter."""
+    setup(rank, world, port)
+    from alexnet.init import init_reference_state
+    from alexnet.model import GroupAlexNet
+    from conftest import tiny_spec
+    from parallel.distributed import init_from_env
+    spec = tiny_spec(**spec_kw)
+    placement, _ = init_from_env(spec.slot_groups, "gloo")
+    model = GroupAlexNet(spec, placement)
+    model.load_reference(init_reference_state(spec, 0))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 1, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (4,), generator=gen)
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    grads = model.to_reference(lambda p: p.grad)
+    if rank == 0:
+        torch.save({"logits": logits.detach(), "grads": grads, "counted": placement.counter.snapshot(),
+                    "slots": placement.num_slots}, out)
+    dist.destroy_process_group()
+
+
+def hybrid_equivalence(rank: int, world: int, port: int, groups: int, batch: int, out: str):
+    """The hybrid placement (convs data-parallel, fc split over ranks): each rank's logits rows and
+    every reference gradient after the runtime's gradient sync, on rank 0."""
+    setup(rank, world, port)
+    from alexnet.init import init_reference_state
+    from alexnet.model import GroupAlexNet
+    from conftest import tiny_spec
+    from parallel.hybrid import init_hybrid_from_env
+    spec = tiny_spec(groups)
+    conv, fc, rows, runtime = init_hybrid_from_env(spec.slot_groups, "gloo")
+    model = GroupAlexNet(spec, conv, fc_placement=fc, rows=rows)
+    runtime.set_sharded(model.model_parallel_parameters())
+    model.load_reference(init_reference_state(spec, 0))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    mine = torch.tensor_split(torch.arange(batch), world)[rank]
+    logits = model(x[mine])
+    F.cross_entropy(logits, y[mine]).backward()
+    runtime.sync_gradients(model.parameters())
+    grads = model.to_reference(lambda p: p.grad)
+    all_logits = [None] * world
+    dist.all_gather_object(all_logits, logits.detach())
+    if rank == 0:
+        torch.save({"logits": torch.cat(all_logits), "grads": grads, "counted": conv.counter.snapshot()}, out)
     dist.destroy_process_group()

@@ -63,9 +63,9 @@ def test_distributed_matches_local_and_reference(tmp_path, world, groups):
     for key in final:
         torch.testing.assert_close(got["final"][key], final[key], rtol=1e-4, atol=1e-5)
     # byte counters: DESIGN.md's formula, per replica batch
-    for name, per_image in spec.cross_group_bytes_per_image().items():
-        assert got["counted"][f"{name}/fwd"] == got["replica_batch"] * per_image
-        assert got["counted"][f"{name}/bwd"] == got["replica_batch"] * per_image
+    for name, nbytes in spec.cross_group_bytes(got["replica_batch"]).items():
+        assert got["counted"][f"{name}/fwd"] == nbytes
+        assert got["counted"][f"{name}/bwd"] == nbytes
     # one counting rule for both placements, the logits included
     local = GroupAlexNet(spec, LocalPlacement(groups, ["cpu"] * groups))
     F.cross_entropy(local(torch.randn(got["replica_batch"], 1, 32, 32)), torch.zeros(got["replica_batch"],
@@ -185,10 +185,10 @@ def test_sigkill_restart_finishes_like_uninterrupted(root, tmp_path, uninterrupt
     assert final_metrics(tmp_path) == final_metrics(uninterrupted)
 
 
-def test_world_size_not_multiple_of_groups_is_one_line(root, tmp_path):
+def test_world_size_that_does_not_fit_groups_is_one_line(root, tmp_path):
     proc = subprocess.run(torchrun(root, tmp_path, nproc=3), capture_output=True, text=True, cwd=root, timeout=120)
     assert proc.returncode != 0
-    assert "error: world size 3 is not a multiple of model.groups=2" in proc.stderr
+    assert "error: world size 3 does not fit 2 groups" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists(), "nothing may train before the check"
 
 

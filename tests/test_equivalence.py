@@ -13,7 +13,7 @@ def build_pair(spec, devices, seed=0):
     ref = ReferenceAlexNet(spec)
     state = init_reference_state(spec, seed)
     ref.load_state_dict(state)
-    model = GroupAlexNet(spec, LocalPlacement(spec.groups, devices))
+    model = GroupAlexNet(spec, LocalPlacement(spec.slot_groups, devices))
     model.load_reference(state)
     return ref, model
 
@@ -100,6 +100,6 @@ def test_cross_group_bytes_follow_design_formula(G):
     n = 5
     model(torch.randn(n, 1, 32, 32)).sum().backward()
     counted = model.placement.counter.snapshot()
-    for name, per_image in spec.cross_group_bytes_per_image().items():
-        assert counted[f"{name}/fwd"] == n * per_image
-        assert counted[f"{name}/bwd"] == n * per_image
+    for name, nbytes in spec.cross_group_bytes(n).items():
+        assert counted[f"{name}/fwd"] == nbytes
+        assert counted[f"{name}/bwd"] == nbytes

@@ -4,16 +4,20 @@ import torch
 from torch import nn
 
 from conftest import assert_close
-from parallel import CommCounter, GroupConv2d, GroupLinear, LocalPlacement, PerGroup, PlacementError, gather_output
+from parallel import (CommCounter, GroupConv2d, GroupLinear, LocalPlacement, PerGroup, PlacementError, Sharded,
+                      gather_output)
+from parallel import shard as shard_of
 from parallel.placement import split_sizes
 
 
+def shard(x, placement, groups=None):
+    """A reference activation split into per-slot leaf tensors (channels in group order)."""
+    s = shard_of(x, placement, groups)
+    return Sharded(tuple(p.clone().requires_grad_() for p in s.parts), s.group_sizes)
 
 
-def shard(x, placement):
-    """Split a reference activation into per-slot tensors (channels in group order)."""
-    per_group = x.shape[1] // placement.groups
-    return [x[:, s.first * per_group:(s.first + s.count) * per_group].clone().requires_grad_() for s in placement.slots]
+def cat(y):
+    return torch.cat(y.parts, 1)
 
 
 def load_rows(layer, weight, bias):
@@ -40,7 +44,7 @@ def test_group_conv2d_matches_torch(G, devices, mode):
     load_rows(layer, ref.weight, ref.bias)
     x = torch.randn(3, 12, 8, 8, requires_grad=True)
     xs = shard(x.detach(), pl)
-    y = torch.cat(layer(xs), 1)
+    y = cat(layer(xs))
     assert_close(y, ref(x))
     g = torch.randn_like(y)
     y.backward(g)
@@ -48,7 +52,7 @@ def test_group_conv2d_matches_torch(G, devices, mode):
     gw, gb = grads_by_rows(layer, ref.weight.shape)
     assert_close(gw, ref.weight.grad)
     assert_close(gb, ref.bias.grad)
-    assert_close(torch.cat([t.grad for t in xs], 1), x.grad)
+    assert_close(torch.cat([t.grad for t in xs.parts], 1), x.grad)
 
 
 def test_group_conv2d_replicated_input():
@@ -57,7 +61,7 @@ def test_group_conv2d_replicated_input():
     layer = GroupConv2d(pl, 3, 8, 5, stride=2, input_mode="replicated")
     load_rows(layer, ref.weight, ref.bias)
     x = torch.randn(2, 3, 16, 16)
-    assert_close(torch.cat(layer(x), 1), ref(x))
+    assert_close(cat(layer(x)), ref(x))
 
 
 @pytest.mark.parametrize("G, devices", LAYOUTS)
@@ -69,13 +73,13 @@ def test_group_linear_uneven_split_with_gathered_input(G, devices):
     load_rows(layer, ref.weight, ref.bias)
     x = torch.randn(5, 24, requires_grad=True)
     xs = shard(x.detach(), pl)
-    y = gather_output(pl, layer(xs), layer.group_out)
+    y = gather_output(pl, layer(xs))
     assert_close(y, ref(x))
     y.sum().backward()
     ref(x).sum().backward()
     gw, gb = grads_by_rows(layer, ref.weight.shape)
     assert_close(gw, ref.weight.grad)
-    assert_close(torch.cat([t.grad for t in xs], 1), x.grad)
+    assert_close(torch.cat([t.grad for t in xs.parts], 1), x.grad)
 
 
 @pytest.mark.parametrize("G, devices", LAYOUTS)
@@ -86,14 +90,14 @@ def test_group_linear_block_diagonal(G, devices):
     load_rows(layer, ref.weight, ref.bias)
     x = torch.randn(5, 24, requires_grad=True)
     xs = shard(x.detach(), pl)
-    y = torch.cat(layer(xs), 1)
+    y = cat(layer(xs))
     expected = ref(x.unsqueeze(-1)).squeeze(-1)
     assert_close(y, expected)
     y.square().sum().backward()
     expected.square().sum().backward()
     gw, gb = grads_by_rows(layer, ref.weight.shape)
     assert_close(gw, ref.weight.grad)
-    assert_close(torch.cat([t.grad for t in xs], 1), x.grad)
+    assert_close(torch.cat([t.grad for t in xs.parts], 1), x.grad)
 
 
 @pytest.mark.parametrize("G, devices", LAYOUTS)
@@ -101,7 +105,7 @@ def test_per_group_lrn_never_crosses_groups(G, devices):
     pl = LocalPlacement(G, devices)
     lrn = nn.LocalResponseNorm(5, 5e-4, 0.75, 2.0)
     x = torch.randn(2, 4 * G, 6, 6) * 10
-    y = torch.cat(PerGroup(pl, lrn)(shard(x, pl)), 1)
+    y = cat(PerGroup(pl, lrn)(shard(x, pl)))
     expected = torch.cat([lrn(c) for c in x.chunk(G, 1)], 1)
     assert_close(y, expected)
 
@@ -149,7 +153,7 @@ def test_gather_counts_bytes_both_directions():
     counter = CommCounter()
     pl = LocalPlacement(2, ["cpu", "cpu"], counter=counter)
     xs = [torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)]
-    outs = pl.gather(xs, 1, "x")
+    outs = pl.gather(xs, 1, "x", [3, 3])
     sum(o.sum() for o in outs).backward()
     # each of 2 groups receives the other's 4x3 fp32 shard: 2 * 48 bytes each way
     assert counter.snapshot() == {"x/fwd": 96, "x/bwd": 96}
@@ -161,7 +165,7 @@ def assert_conv_equals_twin(layer, pl, ref, x):
     """The sharded conv, loaded with the twin's weights, gives the twin's output and input gradient."""
     layer.load_full({k: v.detach() for k, v in ref.state_dict().items()})
     x = x.requires_grad_(True)
-    y = torch.cat(layer(shard(x, pl)), 1)
+    y = cat(layer(shard(x, pl)))
     assert_close(y, ref(x))
     g, = torch.autograd.grad(y.square().sum(), x)
     g_ref, = torch.autograd.grad(ref(x).square().sum(), x)
@@ -188,7 +192,7 @@ def test_conv_formulation_tuner_decides_each_grouped_layer_and_caches():
     assert records[0]["choice"] in ("grouped", "split") and set(records[0]["ms"]) == {"grouped", "split"}
     assert net[1].formulation == records[0]["choice"] and not records[0]["cached"]
     assert choose_conv_formulations(net, lambda: net(x), cache)[0]["cached"]
-    assert_close(net(x)[0], expected[0])
+    assert_close(net(x).parts[0], expected.parts[0])
 
 
 @pytest.mark.parametrize("devices", [["cpu"], ["cpu", "cpu"]])
@@ -204,7 +208,7 @@ def test_conv_with_tuple_geometry_dilation_and_no_bias_equals_torch(devices):
 def test_linear_without_bias_and_full_state_round_trip():
     from parallel import full_state_dict, load_full_state_dict
     pl = LocalPlacement(4, ["cpu", "cpu"])
-    with pytest.raises(ValueError, match="10 input features do not divide"):
+    with pytest.raises(ValueError, match="10 input channels do not divide"):
         GroupLinear(pl, 10, 8, input_mode="own")
     # an own-mode layer needs in_features divisible by G: 8 -> 8 over 4 groups
     net = nn.Sequential(GroupLinear(pl, 6, 8, input_mode="replicated", bias=False),
@@ -217,7 +221,7 @@ def test_linear_without_bias_and_full_state_round_trip():
     h = x @ full["0.weight"].T
     blocks = [h[:, 2 * g:2 * g + 2] @ full["1.weight"][2 * g:2 * g + 2].T for g in range(4)]
     expected = torch.cat(blocks, 1) + full["1.bias"]
-    y = torch.cat(net[1](net[0](x)), 1)
+    y = cat(net[1](net[0](x)))
     assert_close(y, expected)
 
 
@@ -229,16 +233,17 @@ def test_per_group_refuses_modules_with_state_or_shared_statistics():
         PerGroup(pl, nn.BatchNorm2d(4, affine=False, track_running_stats=False))
     bn = PerGroup(pl, nn.BatchNorm2d(8, affine=False, track_running_stats=False), channel_wise=True)
     x = torch.randn(4, 8, 3, 3)
-    assert_close(bn([x])[0], nn.functional.batch_norm(x, None, None, training=True))
+    assert_close(bn(shard(x, pl)).parts[0], nn.functional.batch_norm(x, None, None, training=True))
 
 
-def test_both_placements_fulfil_both_contracts():
-    from parallel import GroupPlacement, Runtime
+def test_placements_and_runtimes_fulfil_their_contracts():
+    from parallel import GroupPlacement, LocalRuntime, Runtime
     from parallel.distributed import DistributedPlacement
-    local = LocalPlacement(2, ["cpu", "cpu"])
-    assert isinstance(local, GroupPlacement) and isinstance(local, Runtime)
-    for contract in (GroupPlacement, Runtime):
+    from parallel.runtime import DistributedRuntime
+    assert isinstance(LocalPlacement(2, ["cpu", "cpu"]), GroupPlacement) and isinstance(LocalRuntime(), Runtime)
+    for contract, cls in ((GroupPlacement, DistributedPlacement), (Runtime, DistributedRuntime)):
         members = [m for m in dir(contract) if not m.startswith("_")] + list(contract.__annotations__)
-        missing = [m for m in members if not hasattr(DistributedPlacement, m) and m not in ("groups", "replica",
-                                                                                         "num_replicas")]
+        missing = [m for m in members if not hasattr(cls, m) and m not in ("groups", "replica", "num_replicas")]
         assert not missing, (contract.__name__, missing)
+    # a placement is not a runtime: the training loop's members live on the runtime only
+    assert not hasattr(LocalPlacement(2, ["cpu"]), "sync_gradients") and not hasattr(DistributedPlacement, "barrier")

@@ -91,7 +91,21 @@ def test_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
     assert compare_groups.main([str(fam), "--seeds", "0", "1", "--groups", "1", "2", "--collect-only",
                                 "--allow-missing"]) == 0
     report = open(tmp_path / "runs" / "tinyfam" / "comparison.md").read()
-    assert "requested runs missing: G=1 seed 1" in report and "epochs 2" in report and "batch 32" in report
+    assert "requested runs missing: g1 seed 1" in report and "epochs 2" in report and "batch 32" in report
+
+
+def test_family_with_other_topologies_reports_each_config_by_name(tmp_path, monkeypatch):
+    fam = write_family(tmp_path)
+    (fam / "root.yaml").write_text(f"inherit: g1.yaml\nmodel:\n  groups: [2, 4, 4, 2, 2]\n  exchange: {{conv3: own}}\n")
+    monkeypatch.chdir(tmp_path)
+    assert compare_groups.main([str(fam), "--configs", "g1", "root", "--set", "train.epochs=1"]) == 0
+    rows = {r["config"]: r for r in csv.DictReader(open(tmp_path / "runs" / "tinyfam" / "comparison.csv"))
+            if r["kind"] != "run"}
+    assert rows["root"]["groups"] == "2-4-4-2-2" and rows["root"]["exchanges"] == "fc6 all, fc7 all, fc8 all"
+    assert int(rows["root"]["macs"]) < int(rows["g1"]["macs"])
+    report = open(tmp_path / "runs" / "tinyfam" / "comparison.md").read()
+    assert "| root | 2-4-4-2-2 |" in report and "root (G = 2-4-4-2-2; fc6 all, fc7 all, fc8 all): root" in report
+    assert compare_groups.main([str(fam), "--configs", "nothere"]) == 2
 
 
 def test_runner_rejects_overrides_it_owns(tmp_path):

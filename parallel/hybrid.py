@@ -1,0 +1,102 @@
+"""Krizhevsky's "one weird trick" (2014): data parallelism where the compute is, model
+parallelism where the parameters are.
+
+K ranks. Rank k holds every weight of the convolutional part and runs it on its 1/K of
+the global batch (a ``LocalPlacement`` on its device: every filter group in one slot).
+The fully connected part is split over the K ranks by output features (a
+``DistributedPlacement`` with K slots over all ranks):
+
+  rows(k)  = rank k's slice of the global batch of B images (n_k rows)
+  F        = cat_k conv_features(rows(k))              all-gather of rows before fc6
+  H6_k     = F A6_k                                    rank k's fc6 features, whole batch
+  H7_k, Z_k likewise from the all-gathered H6, H7      the group placement's all-gather
+  logits(rows(k)) = cat_j Z_j[rows(k)]                 one all-to-all back to the rows' owner
+
+Each rank's loss is the mean over its own rows, L_k, and the global loss is
+L = (1/K) sum_k L_k, exactly what one process computes on the whole batch.
+
+Gradients. The all-to-all's backward is the inverse all-to-all and the row all-gather's
+is a reduce-scatter, so every gradient that reaches a sharded layer or a rank's conv
+features is the gradient of sum_k L_k = K L. Hence (``HybridRuntime.sync_gradients``):
+the fc shards' gradients are divided by K (no communication: each rank owns its rows of
+A); the conv weights' gradients, rank k holding the part that flows through rows(k), are
+averaged over the K ranks like data-parallel replicas: (1/K) sum_k d(K L)/dθ|rows(k) = dL/dθ.
+As with data-parallel replicas, this is exact when the K slices are equal; slices of unequal
+size (an epoch's last, smaller batch) are weighted equally, not by their number of rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallel.comm import CommCounter, all_gather_bytes, all_gather_for_distinct_consumers, features_to_rows
+from parallel.distributed import DistributedPlacement, init_process_group_from_env
+from parallel.placement import LocalPlacement
+from parallel.runtime import DistributedRuntime
+from parallel.sharded import Sharded, slot_sizes
+
+
+class RowExchange:
+    """The two exchanges between the data-parallel and the model-parallel half, over ``pg``."""
+
+    def __init__(self, pg, index: int, num_ranks: int, device: torch.device, counter: CommCounter):
+        self.pg, self.index, self.num_ranks = pg, index, num_ranks
+        self.device, self.counter = torch.device(device), counter
+
+    def batch_sizes(self, rows: int) -> list[int]:
+        """Every rank's number of rows this step (an epoch's last batch may split unevenly)."""
+        mine = torch.tensor([rows], device=self.device)
+        everyone = [torch.zeros_like(mine) for _ in range(self.num_ranks)]
+        dist.all_gather(everyone, mine, group=self.pg)
+        return [int(t.item()) for t in everyone]
+
+    def gather_rows(self, x: torch.Tensor, sizes: list[int], name: str = "rows") -> torch.Tensor:
+        """All ranks' rows of ``x`` (dim 0; ``sizes``: every rank's rows), in rank order;
+        backward: each rank's rows, summed over the ranks that read them (a reduce-scatter)."""
+        whole = x.numel() * x.element_size() * sum(sizes) // max(1, x.shape[0])
+        nbytes = all_gather_bytes(whole, sizes)
+        self.counter.record(name, nbytes, nbytes)
+        return all_gather_for_distinct_consumers(x.contiguous(), self.pg, 0, sizes, self.index, self.counter)
+
+    def rows_of(self, x: Sharded, rows: list[int], name: str = "logits") -> torch.Tensor:
+        """This rank's rows of the features every rank holds a share of (all-to-all; backward: its inverse)."""
+        (part,) = x.parts
+        cols = slot_sizes(x.group_sizes, self.num_ranks)
+        whole = part.numel() * part.element_size() * sum(cols) // max(1, cols[self.index])
+        nbytes = whole * (self.num_ranks - 1) // self.num_ranks  # everyone keeps its own block
+        self.counter.record(name, nbytes, nbytes)
+        return features_to_rows(part, self.pg, self.index, rows, cols, self.counter)
+
+
+class HybridRuntime(DistributedRuntime):
+    """K ranks as K data replicas for the replicated (conv) weights; the sharded (fc) weights' gradients
+    are divided by K instead of averaged (see the module docstring for why)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sharded: set[int] = set()
+
+    def set_sharded(self, params) -> None:
+        """Name the parameters each rank holds a different shard of."""
+        self._sharded = {id(p) for p in params}
+
+    def sync_gradients(self, params) -> None:
+        params = list(params)
+        for p in params:
+            if id(p) in self._sharded and p.grad is not None:
+                p.grad.div_(self.num_replicas)
+        super().sync_gradients([p for p in params if id(p) not in self._sharded])
+
+
+def init_hybrid_from_env(groups: int, backend: str = "auto", timeout_s: float = 600,
+                         counter: CommCounter | None = None):
+    """Under torchrun with K ranks: (conv placement, fc placement, row exchange, runtime) for this rank."""
+    device, world, rank = init_process_group_from_env(backend, timeout_s)
+    counter = counter if counter is not None else CommCounter()
+    world_pg = dist.group.WORLD
+    control = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    conv = LocalPlacement(groups, [str(device)], counter=counter)
+    fc = DistributedPlacement(world, world, world_pg, rank, device, counter=counter)
+    rows = RowExchange(world_pg, rank, world, device, counter)
+    runtime = HybridRuntime(world_pg, control, rank, rank, world, device, counter=counter)
+    return conv, fc, rows, runtime

@@ -1,0 +1,109 @@
+"""How processes and data replicas coordinate: what a training loop talks to.
+
+A placement (``parallel.placement``, ``parallel.distributed``) says where filter groups live
+and moves activations between them; a runtime says which process this is and what the
+processes agree on: averaging gradients over data replicas, summing metrics, voting to
+stop, waiting for each other. Both fulfil ``parallel.contracts.Runtime``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallel.comm import CommCounter
+
+
+class LocalRuntime:
+    """One process, one data replica: nothing to average, reduce or wait for."""
+
+    is_main = True
+    process_index = 0
+    replica = 0
+    num_replicas = 1
+
+    def sync_gradients(self, params) -> None:
+        pass
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    def any_rank_async(self, flag: bool):
+        """A vote that is already decided: one process has no one to ask."""
+        return lambda: flag
+
+    def barrier(self) -> None:
+        pass
+
+
+class DistributedRuntime:
+    """This process in a (data replicas x groups) world; process groups are passed in, never global.
+
+    data_pg     the ranks holding the same group in every replica (gradients are averaged over it)
+    control_pg  a CPU (gloo) group for the stop vote under NCCL, so agreeing to stop never
+                waits on the GPU stream; None uses the default group
+    """
+
+    def __init__(self, data_pg, control_pg, global_rank: int, replica: int, num_replicas: int,
+                 device: torch.device, counter: CommCounter | None = None):
+        self.data_pg, self.control_pg = data_pg, control_pg
+        self.global_rank, self.replica, self.num_replicas = global_rank, replica, num_replicas
+        self.device = torch.device(device)
+        self.counter = counter if counter is not None else CommCounter()
+
+    @property
+    def is_main(self) -> bool:
+        return self.global_rank == 0
+
+    @property
+    def process_index(self) -> int:
+        return self.global_rank
+
+    def sync_gradients(self, params) -> None:
+        """Average each group's gradients over the data replicas: one flat all-reduce."""
+        if self.num_replicas == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        with self.counter.timing(flat.device):
+            dist.all_reduce(flat, group=self.data_pg)
+        flat /= self.num_replicas
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Metrics: every rank of a replica holds the same numbers, so sum over replicas only."""
+        if self.num_replicas > 1:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor, group=self.data_pg)
+        return tensor
+
+    def _flag(self, flag: bool) -> torch.Tensor:
+        return torch.tensor([1.0 if flag else 0.0], device="cpu" if self.control_pg is not None else self.device)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (all ranks must agree to stop at the same step)."""
+        t = self._flag(flag)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_pg)
+        return bool(t.item())
+
+    def any_rank_async(self, flag: bool):
+        """Start the same vote without waiting; the returned function waits and gives the answer.
+
+        The training loop starts one vote per step and reads it a step later, so agreeing
+        to stop never holds up a step (the loop stops one step after the signal).
+        """
+        t = self._flag(flag)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_pg, async_op=True)
+
+        def result() -> bool:
+            work.wait()
+            return bool(t.item())
+        return result
+
+    def barrier(self) -> None:
+        dist.barrier()

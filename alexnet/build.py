@@ -5,17 +5,20 @@ import os
 from dataclasses import dataclass
 
 from alexnet.spec import AlexNetSpec
-from parallel import LocalPlacement, LocalRuntime
+from parallel import LocalPlacement, LocalRuntime, PlacementError
 
 
 def spec_from_config(cfg: dict) -> AlexNetSpec:
     return AlexNetSpec(**cfg["model"])
 
 
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
 def wants_distributed(cfg: dict) -> bool:
     mode = cfg["parallel"]["placement"]
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
-    return mode == "distributed" or (mode == "auto" and launched)
+    return mode == "distributed" or (mode == "auto" and launched_by_torchrun())
 
 
 @dataclass
@@ -32,6 +35,12 @@ class Where:
     fc_placement: object = None
     rows: object = None
 
+    def describe(self) -> str:
+        if self.fc_placement is None:
+            return self.placement.describe()
+        return (f"hybrid: convs data-parallel over {self.runtime.num_replicas} processes ({self.placement.describe()} "
+                f"in each), fc layers over {self.fc_placement.describe()}")
+
 
 def placement_from_config(cfg: dict, spec: AlexNetSpec | None = None) -> Where:
     """Where the groups live, and how this process coordinates with others.
@@ -41,6 +50,9 @@ def placement_from_config(cfg: dict, spec: AlexNetSpec | None = None) -> Where:
     """
     slot_groups = (spec or spec_from_config(cfg)).slot_groups
     p = cfg["parallel"]
+    if p["placement"] in ("hybrid", "distributed") and not launched_by_torchrun():
+        raise PlacementError(f"parallel.placement={p['placement']} runs one process per rank: launch it with "
+                             "torchrun --nproc-per-node K train.py ..., or use parallel.placement=local")
     if p["placement"] == "hybrid":
         from parallel.hybrid import init_hybrid_from_env
         conv, fc, rows, runtime = init_hybrid_from_env(slot_groups, p["backend"], p["timeout_s"])

@@ -80,6 +80,7 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
     torch.manual_seed(cfg["run"]["seed"])
     accel.set_determinism(cfg["run"]["deterministic"])
     spec, placement, runtime, model, optimizer = build_run(cfg, where)
+    where_text = where.describe()
     run_dir = cfg["run"]["dir"]
     train_loader, val_loader = data_from_config(cfg, placement, runtime)
     o, t = cfg["optim"], cfg["train"]
@@ -189,8 +190,8 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
             break
     history = log.history() if runtime.is_main else []
     finished = bool(history) and history[-1]["epoch"] == t["epochs"]
-    summary = make_summary(cfg, spec, placement, runtime, history, wall_before + time.perf_counter() - run_start, mb_per_step)
-    summary["settings"] = run_settings(cfg, placement, train_loader.num_samples, val_loader.num_samples)
+    summary = make_summary(cfg, spec, where_text, runtime, history, wall_before + time.perf_counter() - run_start, mb_per_step)
+    summary["settings"] = run_settings(cfg, where_text, train_loader.num_samples, val_loader.num_samples)
     summary["stopped"] = stopped
     if finished:
         log.summary(summary)
@@ -224,16 +225,16 @@ def git_commit() -> str | None:
 CODE_COMMIT = git_commit()
 
 
-def run_settings(cfg: dict, placement, train_samples: int, val_samples: int) -> dict:
+def run_settings(cfg: dict, where: str, train_samples: int, val_samples: int) -> dict:
     """What was run, for every artefact that reports the run: data, schedule, machine, code."""
     d, t = cfg["data"], cfg["train"]
     return {"dataset": d["dataset"], "epochs": t["epochs"], "batch_size": d["batch_size"], "lr": cfg["optim"]["lr"],
             "data_limit": d["limit"], "train_samples": train_samples, "val_samples": val_samples,
-            "precision": t["precision"], "placement": placement.describe(), "torch": torch.__version__,
+            "precision": t["precision"], "placement": where, "torch": torch.__version__,
             "commit": CODE_COMMIT}
 
 
-def make_summary(cfg: dict, spec, placement, runtime, history: list[dict], wall_s: float, mb_per_step: float) -> dict:
+def make_summary(cfg: dict, spec, where: str, runtime, history: list[dict], wall_s: float, mb_per_step: float) -> dict:
     final = history[-1] if history else {}
     speeds = [h["images_per_s"] for h in history]
     return {"groups": spec.groups, "exchanges": spec.exchanges, "seed": cfg["run"]["seed"],
@@ -245,4 +246,4 @@ def make_summary(cfg: dict, spec, placement, runtime, history: list[dict], wall_
             "best_val_top5_err": min((h["val_top5_err"] for h in history), default=math.nan),
             "images_per_s": sum(speeds) / len(speeds) if speeds else math.nan,
             "cross_group_mb_per_step": mb_per_step, "wall_s": wall_s,
-            "placement": placement.describe()}
+            "placement": where}

@@ -12,7 +12,7 @@ from torch import nn
 
 from alexnet.lrn import FastLRN
 from alexnet.spec import LRN_AFTER, LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, POOL_AFTER, POOL_KERNEL, POOL_STRIDE, AlexNetSpec
-from parallel import GroupConv2d, GroupLinear, PerGroup, gather_output
+from parallel import GroupConv2d, GroupLinear, PerGroup, PlacementError, gather_output
 
 
 class GroupAlexNet(nn.Module):
@@ -34,7 +34,7 @@ class GroupAlexNet(nn.Module):
         if rows is not None:
             local = [i.name for i in self.layer_infos if i.kind == "fc" and i.exchange != "all"]
             if local:
-                raise ValueError(f"the hybrid placement splits the fc layers by output features over ranks, so every "
+                raise PlacementError(f"the hybrid placement splits the fc layers by output features over ranks, so every "
                                  f"fc layer must see all inputs; {', '.join(local)} do not: add them to "
                                  "model.cross_group")
         fc_placement = fc_placement or placement

@@ -130,7 +130,7 @@ class DistributedPlacement:
         return torch.cat([p[:n] for p, n in zip(pieces, counts)]).cpu()
 
     def describe(self) -> str:
-        return (f"{self.groups} groups over {self.num_slots} process(es) per replica "
+        return (f"{self.num_slots} process(es) per replica, each holding 1/{self.num_slots} of every layer's groups "
                 f"({dist.get_backend(self.group_pg)} on {self.device.type})")
 
 

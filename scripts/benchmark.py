@@ -16,6 +16,9 @@ or a generated JPEG tree (500x375, ~55 KB, written by parallel processes; decode
 when training there) and prints end-to-end images/s beside model-only images/s for the same
 settings, and their ratio.
 
+--exchanges times all-gather vs channel shuffle (all-to-all) vs the hybrid placement, communication
+time and bytes per step, for 2 and 4 processes (scripts/exchange_benchmark.py).
+
 --distributed adds the one-process-per-group placement: for world sizes 1, 2, 4 (G = world,
 one group per process; gloo on CPU, NCCL on GPUs when there are enough) it times training
 steps and the wall time spent inside the collectives.
@@ -352,6 +355,9 @@ def main(argv=None) -> int:
     p.add_argument("--fashion-limit", type=int, default=0, help="--e2e fashion_mnist: data.limit (0: all 60k)")
     p.add_argument("--fake-samples", type=int, default=None, help="--e2e fake: training samples (default 16 batches)")
     p.add_argument("--distributed", action="store_true", help="also time one process per group (torch.distributed)")
+    p.add_argument("--exchanges", action="store_true",
+                   help="also time all-gather vs shuffle vs hybrid communication (Fashion-MNIST geometry, 2 and 4 "
+                        "processes)")
     p.add_argument("--out", default="runs/benchmark/benchmark.json")
     args = p.parse_args(argv)
     if args.threads:
@@ -404,12 +410,18 @@ def main(argv=None) -> int:
         for r in distributed:
             print(f"{r['geometry']:<14}{r['world']:>6}{r['images_per_s']:>10.1f}{r['local_images_per_s']:>14.1f}"
                   f"{r['comm_ms']:>14.1f}{r['step_ms']:>10.1f}{r['mb_per_step']:>9.2f}")
+    exchanges = []
+    if args.exchanges:
+        from scripts import exchange_benchmark
+        exchanges = exchange_benchmark.run([2, 4], "fashion_mnist", args.batch or 128, args.steps or 5, args.rounds,
+                                           "cuda" if cuda else "cpu")
+        exchange_benchmark.print_rows(exchanges)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         gpu = torch.cuda.get_device_name(device) if cuda else None
         json.dump({"torch": torch.__version__, "device_name": gpu, "threads": torch.get_num_threads(),
                    "cpus": os.cpu_count(), "results": results, "e2e": e2e_rows, "loader_only": loader_rates, "jpeg_tree": jpeg_info,
-                   "distributed": distributed}, f, indent=2)
+                   "distributed": distributed, "exchanges": exchanges}, f, indent=2)
     print(f"wrote {args.out}")
     return 0
 

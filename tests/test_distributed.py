@@ -222,3 +222,24 @@ def test_distributed_checkpoint_consolidates_and_evaluates_locally(root, tmp_pat
     again = torch.load(back, weights_only=True)
     for key, value in saved["model"].items():
         assert torch.equal(again["model"][key], value)
+
+
+def test_torchrun_hybrid_trains_and_resumes_to_the_same_metrics(root, tmp_path):
+    """train.py with parallel.placement=hybrid: a run pre-empted in epoch 2 and resumed ends where an
+    uninterrupted one does (the fc shards and conv replicas checkpoint through the reference layout)."""
+    hybrid = ["--set", "parallel.placement=hybrid", "--set", "train.epochs=2"]
+    straight = subprocess.run(torchrun(root, tmp_path / "straight", extra=hybrid), capture_output=True, text=True,
+                              cwd=root, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    summary = json.load(open(tmp_path / "straight" / "summary.json"))
+    assert summary["data_replicas"] == 2 and summary["placement"].startswith("hybrid: convs data-parallel over 2")
+    proc = subprocess.Popen(torchrun(root, tmp_path / "resumed", extra=hybrid), cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_epoch(tmp_path / "resumed", 1, proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    again = subprocess.run(torchrun(root, tmp_path / "resumed", extra=hybrid + ["--resume"]), capture_output=True,
+                           text=True, cwd=root, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert final_metrics(tmp_path / "resumed") == final_metrics(tmp_path / "straight")

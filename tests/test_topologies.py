@@ -168,3 +168,26 @@ def test_hybrid_placement_matches_one_process(groups, world, batch, tmp_path):
     for key, p in ref.named_parameters():
         assert_close(got["grads"][key], p.grad, msg=lambda m: f"{key}: {m}")
     assert got["counted"]["fc6_rows/fwd"] > 0 and got["counted"]["logits/fwd"] > 0
+
+
+def test_exchange_benchmark_reports_the_three_variants():
+    """The benchmark runs (gloo, 2 processes, a tiny batch); its byte column follows the counting rule."""
+    from scripts import exchange_benchmark
+    rows = {r["variant"]: r for r in exchange_benchmark.run([2], "fashion_mnist", 8, 1, 1, "cpu")}
+    assert set(rows) == {"all-gather", "shuffle", "hybrid"}
+    assert all(r["step_ms"] > 0 and r["comm_ms"] > 0 for r in rows.values())
+    conv3 = {name: rows[name]["bytes_by_layer"].get("conv3/fwd", 0) for name in ("all-gather", "shuffle")}
+    assert conv3["shuffle"] * 2 == conv3["all-gather"]  # G = 2: (G-1)/G of the maps against (G-1) times them
+    assert rows["hybrid"]["bytes_by_layer"]["fc6_rows/fwd"] > 0
+
+
+@pytest.mark.parametrize("placement", ["hybrid", "distributed"])
+def test_process_placements_without_torchrun_are_one_clear_error(placement, monkeypatch):
+    from alexnet.build import placement_from_config
+    from alexnet.config import load
+    for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load("configs/smoke.yaml", [f"parallel.placement={placement}"])
+    with pytest.raises(PlacementError, match=f"parallel.placement={placement} runs one process per rank: launch it "
+                                             "with torchrun"):
+        placement_from_config(cfg)

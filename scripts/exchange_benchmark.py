@@ -1,0 +1,180 @@
+"""Communication per training step: all-gather vs channel shuffle (all-to-all) vs the hybrid placement.
+
+For each world size K (default 2 and 4; G = K groups, the Fashion-MNIST geometry unless
+--geometry paper) it runs, one process per rank (gloo on CPU, NCCL on GPUs when there are
+K of them), forward + backward + gradient sync + SGD step on the same global batch for:
+  all-gather  the paper's exchange: conv3, fc6, fc7, fc8 all-gather every group's maps
+  shuffle     conv3 takes the channel shuffle (one all-to-all) instead of the all-gather
+  hybrid      convs data-parallel (1/K of the batch per rank, weights all-reduced), fc layers
+              split over the ranks (rows all-gathered before fc6, logits back by all-to-all)
+and prints ms per step, the wall time inside the collectives (synchronised around each
+one, so it is an upper bound on what overlapping could hide) and the bytes all processes
+receive per step (the counter's rule; for hybrid plus the conv gradients' all-reduce,
+2 (K-1) x their size as a ring moves it). Variants alternate in rounds; the median counts.
+
+  python scripts/exchange_benchmark.py --steps 5 --rounds 3
+  python scripts/benchmark.py --exchanges            # the same, from the main benchmark
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+VARIANTS = ("all-gather", "shuffle", "hybrid")
+GEOMETRIES = {"paper": "configs/imagenet/g{G}.yaml", "fashion_mnist": "configs/fashion_mnist/g{G}.yaml"}
+
+
+def _worker(rank: int, world: int, port: int, geometry: str, batch: int, steps: int, rounds: int, backend: str,
+            out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    import torch.distributed as dist
+
+    from alexnet.build import spec_from_config
+    from alexnet.config import load
+    from alexnet.model import GroupAlexNet
+    from parallel import CommCounter
+    from parallel.distributed import DistributedPlacement, init_process_group_from_env
+    from parallel.hybrid import HybridRuntime, RowExchange
+    from parallel.placement import LocalPlacement
+    from parallel.runtime import DistributedRuntime
+    device, _, _ = init_process_group_from_env(backend)
+    base = load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"])
+    gen = torch.Generator().manual_seed(0)
+    spec = spec_from_config(base)
+    x = torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, generator=gen).to(device)
+    y = torch.randint(0, spec.num_classes, (batch,), generator=gen).to(device)
+    mine = torch.tensor_split(torch.arange(batch), world)[rank]
+    world_pg = dist.group.WORLD
+    runs = {}
+    for name in VARIANTS:
+        counter = CommCounter(timed=True)
+        cfg = load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"] +
+                   (["model.exchange.conv3=shuffle"] if name == "shuffle" else []))
+        spec = spec_from_config(cfg)
+        if name == "hybrid":
+            fc = DistributedPlacement(world, world, world_pg, rank, device, counter=counter)
+            runtime = HybridRuntime(world_pg, None, rank, rank, world, device, counter=counter)
+            # the conv groups share one device here: their exchange is no traffic between processes
+            model = GroupAlexNet(spec, LocalPlacement(world, [str(device)], counter=CommCounter()), fc_placement=fc,
+                                 rows=RowExchange(world_pg, rank, world, device, counter))
+            runtime.set_sharded(model.model_parallel_parameters())
+            inputs, labels = x[mine], y[mine]
+            # the conv weights' gradient all-reduce, as a ring moves it: every rank receives 2 (K-1)/K of them
+            sharded = {id(p) for p in model.model_parallel_parameters()}
+            conv_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in sharded)
+            counter.record("conv_grad_allreduce", 0, 2 * (world - 1) * conv_bytes)
+        else:
+            model = GroupAlexNet(spec, DistributedPlacement(world, world, world_pg, rank, device, counter=counter))
+            runtime = DistributedRuntime(None, None, rank, 0, 1, device, counter=counter)
+            inputs, labels = x, y
+        runs[name] = (model, runtime, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), inputs, labels,
+                      counter)
+
+    def step(name: str) -> None:
+        model, runtime, opt, inputs, labels, _ = runs[name]
+        loss = F.cross_entropy(model(inputs), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        runtime.sync_gradients(model.parameters())
+        opt.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
+
+    for name in VARIANTS:  # warm-up
+        step(name)
+    times = {name: [] for name in VARIANTS}
+    comm = {name: [] for name in VARIANTS}
+    for _ in range(rounds):
+        for name in VARIANTS:
+            counter = runs[name][5]
+            counter.seconds = 0.0
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            sync()
+            times[name].append((time.perf_counter() - start) / steps)
+            comm[name].append(counter.seconds / steps)
+    if rank == 0:
+        result = {name: {"step_ms": 1000 * statistics.median(times[name]),
+                         "comm_ms": 1000 * statistics.median(comm[name]),
+                         "mb_per_step": runs[name][5].total() / 1e6,
+                         "bytes_by_layer": runs[name][5].snapshot()} for name in VARIANTS}
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def run(worlds: list[int], geometry: str, batch: int, steps: int, rounds: int, device: str) -> list[dict]:
+    cuda = device == "cuda"
+    rows = []
+    for world in worlds:
+        if cuda and torch.cuda.device_count() < world:
+            print(f"  exchanges world={world}: skipped, {torch.cuda.device_count()} GPU(s)")
+            continue
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = os.path.join(tempfile.mkdtemp(), "rank0.json")
+        backend = "nccl" if cuda else "gloo"
+        mp.spawn(_worker, args=(world, port, geometry, batch, steps, rounds, backend, out), nprocs=world, join=True)
+        with open(out) as f:
+            result = json.load(f)
+        for name in VARIANTS:
+            rows.append({"world": world, "groups": world, "variant": name, "geometry": geometry, "batch": batch,
+                         "backend": backend, **result[name]})
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'procs':>5}  {'variant':<11}{'step ms':>9}{'comm ms':>9}{'comm/step':>10}{'MB/step':>9}")
+    for r in rows:
+        print(f"{r['world']:>5}  {r['variant']:<11}{r['step_ms']:>9.1f}{r['comm_ms']:>9.1f}"
+              f"{r['comm_ms'] / r['step_ms']:>10.2f}{r['mb_per_step']:>9.2f}")
+    for world in sorted({r["world"] for r in rows}):
+        by = {r["variant"]: r for r in rows if r["world"] == world}
+        print(f"  {world} procs: shuffle / all-gather comm time = {by['shuffle']['comm_ms'] / by['all-gather']['comm_ms']:.2f}x, "
+              f"hybrid / all-gather = {by['hybrid']['comm_ms'] / by['all-gather']['comm_ms']:.2f}x; bytes "
+              f"{by['shuffle']['mb_per_step'] / by['all-gather']['mb_per_step']:.2f}x and "
+              f"{by['hybrid']['mb_per_step'] / by['all-gather']['mb_per_step']:.2f}x")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worlds", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--geometry", default="fashion_mnist", choices=list(GEOMETRIES))
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", default="runs/benchmark/exchanges.json")
+    args = p.parse_args(argv)
+    rows = run(args.worlds, args.geometry, args.batch, args.steps, args.rounds, args.device)
+    print_rows(rows)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"torch": torch.__version__, "cpus": os.cpu_count(), "rows": rows}, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -74,10 +74,11 @@ def load(path: str) -> dict:
 def check_compatible(ckpt: dict, model_cfg: dict, path: str) -> None:
     """Refuse a checkpoint of another architecture before anything is loaded."""
     saved = ckpt["config"]["model"]
+    before = {"exchange": {}}  # keys added later: what checkpoints written before them meant
     # everything that shapes the weights or the function they compute (dropout and init may differ)
     for key in ("groups", "num_classes", "in_channels", "input_size", "conv_channels", "kernels", "strides",
-                "paddings", "fc_widths", "cross_group", "lrn"):
-        if saved.get(key) != model_cfg.get(key):
+                "paddings", "fc_widths", "cross_group", "exchange", "lrn"):
+        if saved.get(key, before.get(key)) != model_cfg.get(key, before.get(key)):
             raise CheckpointError(f"{path!r} was trained with model.{key}={saved.get(key)}, but this config has "
                                   f"{model_cfg.get(key)}; use the run's own config (config.yaml in its run dir)")
 

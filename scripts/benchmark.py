@@ -213,24 +213,14 @@ def _dist_worker(rank: int, world: int, port: int, geometry: str, batch: int, st
 
 
 def bench_distributed(geometry: str, device, batch: int, steps: int) -> list[dict]:
-    import socket
-    import tempfile
-
-    import torch.multiprocessing as mp
+    from scripts.ranks import spawn_and_read
     cuda = device.type == "cuda"
     results = []
     for world in (1, 2, 4):
         if cuda and torch.cuda.device_count() < world:
             print(f"  distributed world={world}: skipped, {torch.cuda.device_count()} GPU(s)")
             continue
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        out = os.path.join(tempfile.mkdtemp(), "rank0.json")
-        mp.spawn(_dist_worker, args=(world, port, geometry, batch, steps, "nccl" if cuda else "gloo", out),
-                 nprocs=world, join=True)
-        with open(out) as f:
-            r = json.load(f)
+        r = spawn_and_read(_dist_worker, world, geometry, batch, steps, "nccl" if cuda else "gloo")
         local = bench(geometry, world, Setting(device), batch, steps, 1)["models"]["ours"]["images_per_s"]
         r.update(geometry=geometry, world=world, groups=world, batch=batch, local_images_per_s=local)
         results.append(r)

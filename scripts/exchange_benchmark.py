@@ -20,17 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from scripts.ranks import spawn_and_read  # noqa: E402
 
 VARIANTS = ("all-gather", "shuffle", "hybrid")
 GEOMETRIES = {"paper": "configs/imagenet/g{G}.yaml", "fashion_mnist": "configs/fashion_mnist/g{G}.yaml"}
@@ -129,14 +128,8 @@ def run(worlds: list[int], geometry: str, batch: int, steps: int, rounds: int, d
         if cuda and torch.cuda.device_count() < world:
             print(f"  exchanges world={world}: skipped, {torch.cuda.device_count()} GPU(s)")
             continue
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        out = os.path.join(tempfile.mkdtemp(), "rank0.json")
         backend = "nccl" if cuda else "gloo"
-        mp.spawn(_worker, args=(world, port, geometry, batch, steps, rounds, backend, out), nprocs=world, join=True)
-        with open(out) as f:
-            result = json.load(f)
+        result = spawn_and_read(_worker, world, geometry, batch, steps, rounds, backend)
         for name in VARIANTS:
             rows.append({"world": world, "groups": world, "variant": name, "geometry": geometry, "batch": batch,
                          "backend": backend, **result[name]})

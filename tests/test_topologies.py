@@ -1,5 +1,4 @@
 """Beyond a fixed exchange: channel shuffle and per-layer group counts, against plain-torch references."""
-import os
 
 import pytest
 import torch

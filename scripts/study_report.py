@@ -111,6 +111,7 @@ def rows(runs: dict[str, list[dict]]) -> list[dict]:
         row["diff_ci_low"], row["diff_ci_high"] = (d["low"], d["high"]) if d else (math.nan, math.nan)
         row["diff_method"] = d["method"] if d else ""
         row["diff"] = d
+        row["finals"] = {r["seed"]: _final(r, "val_top1_err") for r in group}
         for which in ("within", "between"):
             values = [_final(r, f"conv1_corr_{which}") for r in group]
             values = [v for v in values if not math.isnan(v)]
@@ -209,10 +210,13 @@ def other_statements(table: list[dict]) -> list[str]:
         if r["config"] in (BASELINE, "g2") or not r.get("diff"):
             continue
         change = 100.0 * (r["macs"] / g1["macs"] - 1)
+        against = [verdict(difference(other["finals"], r["finals"]), what=r["config"], than=other["config"])
+                   for other in table if re.fullmatch(r"g\d+", other["config"])
+                   and other["config"] not in (BASELINE, r["config"])]
         out.append(f"{r['config']} (G = {r['groups']}; {r['exchanges']}): "
                    f"{verdict(r['diff'], what=r['config'], than='G = 1')}; multiply-accumulates "
                    f"{'+' if change >= 0 else ''}{change:.1f}%, cross-group traffic {r['cross_group_mb_per_step']:.2f} "
-                   "MB/step.")
+                   "MB/step." + (f" Pairwise: {'; '.join(against)}." if against else ""))
     return out
 
 

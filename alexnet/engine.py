@@ -78,7 +78,7 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoc
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        runtime.sync_gradients(model.parameters())
+        runtime.sync_gradients(model.parameters(), rows=labels.shape[0])
         optimizer.step()
         with torch.no_grad():
             wrong1, wrong5 = topk_wrong(logits, labels)

@@ -268,8 +268,9 @@ def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
 class _FeaturesToRows(torch.autograd.Function):
     """Forward: rank k holds Z[:, cols k] for the whole batch; each rank r receives Z[rows r, :]
     (one all-to-all; uneven rows and columns are padded for the collective).
-    Backward: the inverse all-to-all, so rank k gets dL_r/dZ[rows r, cols k] from every r:
-    the gradient of the sum of the ranks' losses."""
+    Backward: the inverse all-to-all, so rank k gets w_r dL_r/dZ[rows r, cols k] from every r,
+    where L_r is rank r's loss, the mean over its n_r rows, and w_r = n_r K / B: the gradient of
+    sum_r w_r L_r = K x (the mean over all B rows), whatever the split of the batch."""
 
     @staticmethod
     def forward(ctx, part, pg, index, rows, cols, counter):
@@ -288,6 +289,7 @@ class _FeaturesToRows(torch.autograd.Function):
     def backward(ctx, grad):
         pg, index, rows, cols, counter = ctx.meta
         width = max(cols)
+        grad = grad * (rows[index] * len(rows) / sum(rows))  # w_r: slices of unequal size weigh by their rows
         send = torch.cat([_pad_cols(g, width) for g in grad.split(list(cols), dim=1)], dim=0).contiguous()
         received = send.new_empty(sum(rows), width)
         import torch.distributed as dist

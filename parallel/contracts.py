@@ -61,7 +61,8 @@ class Runtime(Protocol):
 
     is_main / process_index   the process that writes files / this process's index (seeds per process)
     replica / num_replicas    this data replica, and how many (each sees 1/D of every global batch)
-    sync_gradients(params)    average gradients over the replicas
+    sync_gradients(params, rows=None)  average gradients over the replicas (weighted by each
+                              replica's batch rows when given: exact for slices of unequal size)
     all_reduce_sum(t)         a metric tensor summed over replicas
     any_rank(flag)            True everywhere if true anywhere (blocking)
     any_rank_async(flag)      the same vote started now, answered by calling the result (a step later)
@@ -73,7 +74,7 @@ class Runtime(Protocol):
     replica: int
     num_replicas: int
 
-    def sync_gradients(self, params: Iterable[torch.nn.Parameter]) -> None: ...
+    def sync_gradients(self, params: Iterable[torch.nn.Parameter], rows: int | None = None) -> None: ...
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 

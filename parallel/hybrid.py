@@ -12,17 +12,17 @@ The fully connected part is split over the K ranks by output features (a
   H7_k, Z_k likewise from the all-gathered H6, H7      the group placement's all-gather
   logits(rows(k)) = cat_j Z_j[rows(k)]                 one all-to-all back to the rows' owner
 
-Each rank's loss is the mean over its own rows, L_k, and the global loss is
-L = (1/K) sum_k L_k, exactly what one process computes on the whole batch.
+Each rank's loss is the mean over its own rows, L_k; with w_k = n_k K / B the global loss,
+the mean over all B rows that one process computes, is L = (1/K) sum_k w_k L_k.
 
-Gradients. The all-to-all's backward is the inverse all-to-all and the row all-gather's
-is a reduce-scatter, so every gradient that reaches a sharded layer or a rank's conv
-features is the gradient of sum_k L_k = K L. Hence (``HybridRuntime.sync_gradients``):
-the fc shards' gradients are divided by K (no communication: each rank owns its rows of
-A); the conv weights' gradients, rank k holding the part that flows through rows(k), are
-averaged over the K ranks like data-parallel replicas: (1/K) sum_k d(K L)/dθ|rows(k) = dL/dθ.
-As with data-parallel replicas, this is exact when the K slices are equal; slices of unequal
-size (an epoch's last, smaller batch) are weighted equally, not by their number of rows.
+Gradients. The all-to-all's backward is the inverse all-to-all, weighting rank k's
+gradient by w_k (``parallel.comm.features_to_rows``), and the row all-gather's is a
+reduce-scatter, so every gradient that reaches a sharded layer or a rank's conv features
+is the gradient of sum_k w_k L_k = K L. Hence (``HybridRuntime.sync_gradients``): the fc
+shards' gradients are divided by K (no communication: each rank owns its rows of A); the
+conv weights' gradients, rank k holding the part that flows through rows(k), are averaged
+over the K ranks: (1/K) sum_k d(K L)/dθ|rows(k) = dL/dθ. Exact for any split of the batch
+(an epoch's last, smaller batch, or B not divisible by K).
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ class HybridRuntime(DistributedRuntime):
         """Name the parameters each rank holds a different shard of."""
         self._sharded = {id(p) for p in params}
 
-    def sync_gradients(self, params) -> None:
+    def sync_gradients(self, params, rows: int | None = None) -> None:
+        """``rows`` is not needed: the row exchange already weighted each rank's loss by its rows."""
         params = list(params)
         for p in params:
             if id(p) in self._sharded and p.grad is not None:

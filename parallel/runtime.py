@@ -21,7 +21,7 @@ class LocalRuntime:
     replica = 0
     num_replicas = 1
 
-    def sync_gradients(self, params) -> None:
+    def sync_gradients(self, params, rows: int | None = None) -> None:
         pass
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -61,15 +61,24 @@ class DistributedRuntime:
     def process_index(self) -> int:
         return self.global_rank
 
-    def sync_gradients(self, params) -> None:
-        """Average each group's gradients over the data replicas: one flat all-reduce."""
+    def sync_gradients(self, params, rows: int | None = None) -> None:
+        """Average each group's gradients over the data replicas: one flat all-reduce.
+
+        With ``rows`` (this replica's batch rows; its loss the mean over them) the average is
+        weighted by rows, sum_k n_k g_k / sum_k n_k, the gradient of the mean over the whole
+        global batch even when the replicas' slices differ in size; the row count rides in
+        the same all-reduce. Without it every replica weighs the same.
+        """
         if self.num_replicas == 1:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        parts = [g.reshape(-1) for g in grads]
+        if rows is not None:
+            parts = [g * rows for g in parts] + [grads[0].new_full((1,), float(rows))]
+        flat = torch.cat(parts)
         with self.counter.timing(flat.device):
             dist.all_reduce(flat, group=self.data_pg)
-        flat /= self.num_replicas
+        flat /= flat[-1:].clone() if rows is not None else self.num_replicas
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))

@@ -152,3 +152,26 @@ def hybrid_equivalence(rank: int, world: int, port: int, groups: int, batch: int
     if rank == 0:
         torch.save({"logits": torch.cat(all_logits), "grads": grads, "counted": conv.counter.snapshot()}, out)
     dist.destroy_process_group()
+
+
+def replicas_uneven(rank: int, world: int, port: int, groups: int, batch: int, out: str):
+    """D = world / G replicas on slices of unequal size (7 over 2): gradients synced with rows, on rank 0."""
+    setup(rank, world, port)
+    from alexnet.init import init_reference_state
+    from alexnet.model import GroupAlexNet
+    from conftest import tiny_spec
+    from parallel.distributed import init_from_env
+    spec = tiny_spec(groups)
+    placement, runtime = init_from_env(groups, "gloo")
+    model = GroupAlexNet(spec, placement)
+    model.load_reference(init_reference_state(spec, 0))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    mine = torch.tensor_split(torch.arange(batch), runtime.num_replicas)[runtime.replica]
+    F.cross_entropy(model(x[mine]), y[mine]).backward()
+    runtime.sync_gradients(model.parameters(), rows=len(mine))
+    grads = model.to_reference(lambda p: p.grad)
+    if rank == 0:
+        torch.save({"grads": grads}, out)
+    dist.destroy_process_group()

@@ -148,10 +148,10 @@ def test_topologies_under_gloo_match_reference(kw, world, tmp_path):
     assert got["counted"] == local.placement.counter.snapshot()  # one counting rule for both placements
 
 
-@pytest.mark.parametrize("groups, world, batch", [(2, 2, 6), (4, 2, 4), (1, 4, 8)])
+@pytest.mark.parametrize("groups, world, batch", [(2, 2, 6), (4, 2, 5), (1, 4, 7)])
 def test_hybrid_placement_matches_one_process(groups, world, batch, tmp_path):
     """Convs data-parallel, fc layers split over the ranks: the single-device network's logits and gradients
-    on the same global batch, split evenly over the ranks."""
+    on the same global batch (slices of unequal size included: 5 over 2 ranks, 7 over 4)."""
     out = str(tmp_path / "got.pt")
     mp.spawn(dist_worker.hybrid_equivalence, args=(world, free_port(), groups, batch, out), nprocs=world, join=True)
     got = torch.load(out, weights_only=True)
@@ -190,3 +190,19 @@ def test_process_placements_without_torchrun_are_one_clear_error(placement, monk
     with pytest.raises(PlacementError, match=f"parallel.placement={placement} runs one process per rank: launch it "
                                              "with torchrun"):
         placement_from_config(cfg)
+
+
+def test_data_replicas_with_unequal_slices_average_by_rows(tmp_path):
+    """4 ranks = 2 replicas x G = 2 on a batch of 7 (4 + 3 rows): the synced gradient is the full batch's."""
+    out = str(tmp_path / "got.pt")
+    mp.spawn(dist_worker.replicas_uneven, args=(4, free_port(), 2, 7, out), nprocs=4, join=True)
+    got = torch.load(out, weights_only=True)
+    spec = tiny_spec(2)
+    ref = ReferenceAlexNet(spec)
+    ref.load_state_dict(init_reference_state(spec, 0))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 1, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (7,), generator=gen)
+    F.cross_entropy(ref(x), y).backward()
+    for key, p in ref.named_parameters():
+        assert_close(got["grads"][key], p.grad, msg=lambda m: f"{key}: {m}")

@@ -8,18 +8,22 @@ from conftest import assert_close, tiny_spec
 from parallel import LocalPlacement
 
 
-def _model(G, devices):
-    spec = tiny_spec(G)
-    model = GroupAlexNet(spec, LocalPlacement(G, devices))
+def _model(G, devices, **spec_kw):
+    spec = tiny_spec(G, **spec_kw)
+    model = GroupAlexNet(spec, LocalPlacement(spec.slot_groups, devices))
     model.load_reference(init_reference_state(spec, 0))
     return model
 
 
+SHUFFLE = dict(conv_channels=[12, 32, 36, 36, 24], exchange={"conv3": "shuffle"})
+
+
 def test_no_graph_breaks_on_one_and_several_slots():
-    for G, devices in ((1, ["cpu"]), (2, ["cpu"]), (4, ["cpu", "cpu"])):
+    for G, devices, kw in ((1, ["cpu"], {}), (2, ["cpu"], {}), (4, ["cpu", "cpu"], {}), (4, ["cpu", "cpu"], SHUFFLE),
+                           ([2, 4, 4, 2, 2], ["cpu"], {"exchange": {"conv3": "own"}})):
         dynamo.reset()
-        explained = dynamo.explain(_model(G, devices))(torch.randn(3, 1, 32, 32))
-        assert explained.graph_break_count == 0, (G, devices, explained.break_reasons)
+        explained = dynamo.explain(_model(G, devices, **kw))(torch.randn(3, 1, 32, 32))
+        assert explained.graph_break_count == 0, (G, devices, kw, explained.break_reasons)
         assert explained.graph_count == 1
 
 

@@ -37,17 +37,22 @@ from parallel.sharded import Sharded, slot_sizes
 
 
 class RowExchange:
-    """The two exchanges between the data-parallel and the model-parallel half, over ``pg``."""
+    """The two exchanges between the data-parallel and the model-parallel half, over ``pg``.
 
-    def __init__(self, pg, index: int, num_ranks: int, device: torch.device, counter: CommCounter):
-        self.pg, self.index, self.num_ranks = pg, index, num_ranks
+    ``control_pg``: a CPU (gloo) group for the row counts under NCCL, so learning them never
+    waits on the GPU stream; None uses ``pg`` with tensors on ``device``.
+    """
+
+    def __init__(self, pg, index: int, num_ranks: int, device: torch.device, counter: CommCounter,
+                 control_pg=None):
+        self.pg, self.index, self.num_ranks, self.control_pg = pg, index, num_ranks, control_pg
         self.device, self.counter = torch.device(device), counter
 
     def batch_sizes(self, rows: int) -> list[int]:
         """Every rank's number of rows this step (an epoch's last batch may split unevenly)."""
-        mine = torch.tensor([rows], device=self.device)
+        mine = torch.tensor([rows], device="cpu" if self.control_pg is not None else self.device)
         everyone = [torch.zeros_like(mine) for _ in range(self.num_ranks)]
-        dist.all_gather(everyone, mine, group=self.pg)
+        dist.all_gather(everyone, mine, group=self.control_pg if self.control_pg is not None else self.pg)
         return [int(t.item()) for t in everyone]
 
     def gather_rows(self, x: torch.Tensor, sizes: list[int], name: str = "rows") -> torch.Tensor:
@@ -98,6 +103,6 @@ def init_hybrid_from_env(groups: int, backend: str = "auto", timeout_s: float = 
     control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     conv = LocalPlacement(groups, [str(device)], counter=counter)
     fc = DistributedPlacement(world, world, world_pg, rank, device, counter=counter)
-    rows = RowExchange(world_pg, rank, world, device, counter)
+    rows = RowExchange(world_pg, rank, world, device, counter, control_pg=control)
     runtime = HybridRuntime(world_pg, control, rank, rank, world, device, counter=counter)
     return conv, fc, rows, runtime

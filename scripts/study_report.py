@@ -210,9 +210,10 @@ def other_statements(table: list[dict]) -> list[str]:
         if r["config"] in (BASELINE, "g2") or not r.get("diff"):
             continue
         change = 100.0 * (r["macs"] / g1["macs"] - 1)
+        # against every plain G, and against every other config of the same cost (same MACs)
         against = [verdict(difference(other["finals"], r["finals"]), what=r["config"], than=other["config"])
-                   for other in table if re.fullmatch(r"g\d+", other["config"])
-                   and other["config"] not in (BASELINE, r["config"])]
+                   for other in table if other["config"] not in (BASELINE, r["config"])
+                   and (re.fullmatch(r"g\d+", other["config"]) or other["macs"] == r["macs"])]
         out.append(f"{r['config']} (G = {r['groups']}; {r['exchanges']}): "
                    f"{verdict(r['diff'], what=r['config'], than='G = 1')}; multiply-accumulates "
                    f"{'+' if change >= 0 else ''}{change:.1f}%, cross-group traffic {r['cross_group_mb_per_step']:.2f} "

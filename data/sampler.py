@@ -34,7 +34,10 @@ class ReplicaBatchSampler:
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        # A training batch left with fewer rows than replicas would give some replica no rows (a NaN
+        # loss there); it is dropped. Evaluation keeps every sample: an empty slice only adds zeros.
+        too_small = self.shuffle and rest < self.num_replicas
+        return full if self.drop_last or rest == 0 or too_small else full + 1
 
     def epoch_order(self) -> torch.Tensor:
         """This epoch's sample order (a permutation when shuffling)."""

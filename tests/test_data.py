@@ -143,3 +143,11 @@ def test_device_resident_loader_equals_cpu_loader(tmp_path):
         for (xa, ya), (xb, yb) in zip(a, b):
             assert xb.is_cuda and torch.equal(ya, yb.cpu())
             torch.testing.assert_close(xa, xb.cpu(), rtol=0, atol=1e-6)
+
+
+def test_training_batch_with_fewer_rows_than_replicas_is_dropped():
+    """1025 samples, batch 128, 4 replicas: the last training batch (1 row) would leave 3 replicas empty."""
+    parts = [list(ReplicaBatchSampler(1025, 128, shuffle=True, replica=r, num_replicas=4)) for r in range(4)]
+    assert all(len(p) == 8 and all(len(batch) == 32 for batch in p) for p in parts)
+    val = [list(ReplicaBatchSampler(1025, 128, shuffle=False, replica=r, num_replicas=4)) for r in range(4)]
+    assert sorted(i for p in val for batch in p for i in batch) == list(range(1025))  # evaluation keeps all

@@ -12,20 +12,29 @@ def setup(rank: int, world: int, port: int):
     torch.set_num_threads(1)
 
 
+def alexnet_on_this_rank(spec):
+    """(placement, runtime, model) of the tiny AlexNet ``spec`` for this rank, loaded with seed 0's reference init."""
+    from alexnet.init import init_reference_state
+    from alexnet.model import GroupAlexNet
+    from parallel.distributed import init_from_env
+    placement, runtime = init_from_env(spec.slot_groups, "gloo")
+    model = GroupAlexNet(spec, placement)
+    model.load_reference(init_reference_state(spec, 0))
+    return placement, runtime, model
+
+
+def batch_of(n: int):
+    """The tests' batch: n tiny images and labels from seed 1."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
 def equivalence(rank: int, world: int, port: int, groups: int, out: str, steps: int):
     """Forward/backward one batch, then ``steps`` SGD steps; rank 0 saves what it saw."""
     setup(rank, world, port)
-    from alexnet.init import init_reference_state
-    from alexnet.model import GroupAlexNet
     from conftest import tiny_spec
-    from parallel.distributed import init_from_env
-    spec = tiny_spec(groups)
-    placement, runtime = init_from_env(groups, "gloo")
-    model = GroupAlexNet(spec, placement)
-    model.load_reference(init_reference_state(spec, 0))
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 1, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (8,), generator=gen)
+    placement, runtime, model = alexnet_on_this_rank(tiny_spec(groups))
+    x, y = batch_of(8)
     mine = torch.tensor_split(torch.arange(8), runtime.num_replicas)[runtime.replica]
     logits = model(x[mine])
     loss = F.cross_entropy(logits, y[mine])
@@ -106,17 +115,9 @@ def topology_equivalence(rank: int, world: int, port: int, spec_kw: dict, out: s
     """GroupAlexNet of ``spec_kw`` (per-layer groups, shuffles) over ``world`` ranks: logits and every
     reference gradient on rank 0, plus the byte counter."""
     setup(rank, world, port)
-    from alexnet.init import init_reference_state
-    from alexnet.model import GroupAlexNet
     from conftest import tiny_spec
-    from parallel.distributed import init_from_env
-    spec = tiny_spec(**spec_kw)
-    placement, _ = init_from_env(spec.slot_groups, "gloo")
-    model = GroupAlexNet(spec, placement)
-    model.load_reference(init_reference_state(spec, 0))
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 1, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (4,), generator=gen)
+    placement, _, model = alexnet_on_this_rank(tiny_spec(**spec_kw))
+    x, y = batch_of(4)
     logits = model(x)
     F.cross_entropy(logits, y).backward()
     grads = model.to_reference(lambda p: p.grad)
@@ -139,9 +140,7 @@ def hybrid_equivalence(rank: int, world: int, port: int, groups: int, batch: int
     model = GroupAlexNet(spec, conv, fc_placement=fc, rows=rows)
     runtime.set_sharded(model.model_parallel_parameters())
     model.load_reference(init_reference_state(spec, 0))
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 1, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
+    x, y = batch_of(batch)
     mine = torch.tensor_split(torch.arange(batch), world)[rank]
     logits = model(x[mine])
     F.cross_entropy(logits, y[mine]).backward()
@@ -157,17 +156,9 @@ def hybrid_equivalence(rank: int, world: int, port: int, groups: int, batch: int
 def replicas_uneven(rank: int, world: int, port: int, groups: int, batch: int, out: str):
     """D = world / G replicas on slices of unequal size (7 over 2): gradients synced with rows, on rank 0."""
     setup(rank, world, port)
-    from alexnet.init import init_reference_state
-    from alexnet.model import GroupAlexNet
     from conftest import tiny_spec
-    from parallel.distributed import init_from_env
-    spec = tiny_spec(groups)
-    placement, runtime = init_from_env(groups, "gloo")
-    model = GroupAlexNet(spec, placement)
-    model.load_reference(init_reference_state(spec, 0))
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 1, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
+    _, runtime, model = alexnet_on_this_rank(tiny_spec(groups))
+    x, y = batch_of(batch)
     mine = torch.tensor_split(torch.arange(batch), runtime.num_replicas)[runtime.replica]
     F.cross_entropy(model(x[mine]), y[mine]).backward()
     runtime.sync_gradients(model.parameters(), rows=len(mine))

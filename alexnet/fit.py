@@ -195,7 +195,7 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
     summary["stopped"] = stopped
     if finished:
         log.summary(summary)
-        log.hparams({"groups": spec.label, "seed": str(cfg["run"]["seed"]), "params": spec.params(),
+        log.hparams({"groups": spec.label, "exchanges": spec.exchanges, "seed": str(cfg["run"]["seed"]), "params": spec.params(),
                      "macs": spec.macs(), "data_replicas": runtime.num_replicas, "epochs": t["epochs"],
                      "lr": o["lr"], "batch_size": cfg["data"]["batch_size"], "data_limit": cfg["data"]["limit"],
                      "images_per_s": round(summary["images_per_s"])},

@@ -127,6 +127,7 @@ def test_smoke_run_events_hold_hparams_and_filter_images(tmp_path):
     from tensorboard.plugins.hparams import plugin_data_pb2
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["groups"].string_value == "2" and start.hparams["seed"].string_value == "0"
+    assert start.hparams["exchanges"].string_value == "conv3 all, fc6 all, fc7 all, fc8 all"
     assert {"macs", "epochs", "lr", "batch_size", "data_limit", "images_per_s"} <= set(start.hparams)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
     groups_info = next(h for h in experiment.hparam_infos if h.name == "groups")

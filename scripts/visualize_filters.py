@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alexnet import checkpoint as ckpt_io  # noqa: E402
+from alexnet.build import spec_from_config  # noqa: E402
 from alexnet.filters import (conv1_all_groups_image, filter_correlation, input_group_share,  # noqa: E402
                              within_between_correlation)
 
@@ -27,7 +28,8 @@ def render(ckpt_path: str, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ckpt = ckpt_io.load(ckpt_path)
-    groups = ckpt["config"]["model"]["groups"]
+    spec = spec_from_config(ckpt["config"])
+    groups = spec.layer_groups["conv1"]  # with per-layer counts, conv1's groups are the ones pictured
     state = ckpt["model"]
     os.makedirs(out_dir, exist_ok=True)
     image, scale = conv1_all_groups_image(state, groups, pad=2)
@@ -60,7 +62,10 @@ def render(ckpt_path: str, out_dir: str) -> list[str]:
     fig.savefig(corr_png, dpi=110)
     plt.close(fig)
     paths = [filters_png, corr_png]
-    if groups > 1:
+    # conv3's dense weights show how much each filter group draws on each input group's maps;
+    # only where it all-gathers them, and with the same groups on both sides
+    info = {i.name: i for i in spec.layers()}["conv3"]
+    if groups > 1 and info.exchange == "all" and info.groups == info.input_groups == groups:
         share = input_group_share(state, groups)
         fig, ax = plt.subplots(figsize=(4.2, 3.6))
         im = ax.imshow(share.numpy(), cmap="viridis", vmin=0, vmax=1)

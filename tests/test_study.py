@@ -148,6 +148,11 @@ def test_visualize_filters_writes_pngs(tmp_path):
     assert main([str(tmp_path / "run" / "checkpoints" / "last.pt"), "--out", str(tmp_path / "png")]) == 0
     for name in ("conv1_filters.png", "conv1_correlation.png", "conv3_input_group_share.png"):
         assert (tmp_path / "png" / name).stat().st_size > 1000
+    # a root topology: conv1's groups are pictured; conv3 does not gather, so no input-share picture
+    fit(load("configs/smoke.yaml", [f"run.dir={tmp_path / 'root'}", "train.epochs=1", "model.groups=[2,4,4,2,2]",
+                                    "model.exchange.conv3=own"]), quiet=True)
+    assert main([str(tmp_path / "root" / "checkpoints" / "last.pt"), "--out", str(tmp_path / "root_png")]) == 0
+    assert sorted(os.listdir(tmp_path / "root_png")) == ["conv1_correlation.png", "conv1_filters.png"]
 
 
 def test_runner_refuses_a_run_folder_with_other_settings(tmp_path, monkeypatch):

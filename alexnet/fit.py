@@ -168,7 +168,8 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         # checkpoint holds, and a crash between the two is repaired on resume (RunLog).
         weights = ckpt_io.model_state(model)
         # the seed's claim, tested every epoch: are conv1 filters of one group more alike than across groups?
-        record["conv1_corr_within"], record["conv1_corr_between"] = within_between_correlation(weights, spec.layer_groups["conv1"])
+        record["conv1_corr_within"], record["conv1_corr_between"] = within_between_correlation(
+            weights, spec.layer_groups["conv1"])
         checkpoint(epoch + 1, weights=weights, record=record)
         last_record = record  # what a mid-epoch checkpoint of the next epoch carries
         if runtime.is_main and record["val_top1_err"] <= best_val:
@@ -190,16 +191,19 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
             break
     history = log.history() if runtime.is_main else []
     finished = bool(history) and history[-1]["epoch"] == t["epochs"]
-    summary = make_summary(cfg, spec, where_text, runtime, history, wall_before + time.perf_counter() - run_start, mb_per_step)
+    summary = make_summary(cfg, spec, where_text, runtime, history, wall_before + time.perf_counter() - run_start,
+                           mb_per_step)
     summary["settings"] = run_settings(cfg, where_text, train_loader.num_samples, val_loader.num_samples)
     summary["stopped"] = stopped
     if finished:
         log.summary(summary)
-        log.hparams({"groups": spec.label, "exchanges": spec.exchanges, "seed": str(cfg["run"]["seed"]), "params": spec.params(),
+        log.hparams({"groups": spec.label, "exchanges": spec.exchanges, "seed": str(cfg["run"]["seed"]),
+                     "params": spec.params(),
                      "macs": spec.macs(), "data_replicas": runtime.num_replicas, "epochs": t["epochs"],
                      "lr": o["lr"], "batch_size": cfg["data"]["batch_size"], "data_limit": cfg["data"]["limit"],
                      "images_per_s": round(summary["images_per_s"])},
-                    {"groups": [str(g) for g in range(1, 5)] + ([spec.label] if spec.label not in ("1", "2", "3", "4") else []),
+                    {"groups": [str(g) for g in range(1, 5)]
+                     + ([spec.label] if spec.label not in ("1", "2", "3", "4") else []),
                      "seed": sorted({str(cfg["run"]["seed"]), *map(str, range(3))})},
                     ["epoch/val_top1_err", "epoch/val_top5_err", "epoch/train_loss", "epoch/images_per_s"])
     log.close()

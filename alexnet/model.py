@@ -27,17 +27,18 @@ class GroupAlexNet(nn.Module):
     the logits of this rank's rows only.
     """
 
-    def __init__(self, spec: AlexNetSpec, placement, lrn_module: type = FastLRN, fc_placement=None, rows=None):
+    def __init__(self, spec: AlexNetSpec, placement, lrn_module: type = FastLRN, fc_placement=None,
+                 rows=None):
         super().__init__()
         self.spec, self.placement, self.rows = spec, placement, rows
         self.layer_infos = spec.layers()
         if rows is not None:
             local = [i.name for i in self.layer_infos if i.kind == "fc" and i.exchange != "all"]
             if local:
-                raise PlacementError(f"the hybrid placement splits the fc layers by output features over ranks, so every "
-                                 f"fc layer must see all inputs; {', '.join(local)} do not: add them to "
-                                 "model.cross_group")
-        fc_placement = fc_placement or placement
+                raise PlacementError(f"the hybrid placement splits the fc layers by output features over ranks, so "
+                                     f"every fc layer must see all inputs; {', '.join(local)} do not: add them to "
+                                     "model.cross_group")
+        self.fc_placement = fc_placement = fc_placement or placement
         relu = PerGroup(placement, nn.ReLU(), channel_wise=True)
         lrn = PerGroup(placement, lrn_module(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K))
         pool = PerGroup(placement, nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE), channel_wise=True)
@@ -74,7 +75,7 @@ class GroupAlexNet(nn.Module):
         if self.rows is None:
             for stage in self.fc_stages:
                 x = stage(x)
-            return gather_output(self.fc_stages[0].placement, x)
+            return gather_output(self.fc_placement, x)
         (features,) = x.parts
         sizes = self.rows.batch_sizes(features.shape[0])
         x = self.rows.gather_rows(features.flatten(1), sizes, "fc6_rows")

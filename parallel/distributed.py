@@ -87,7 +87,7 @@ class DistributedPlacement:
     def output_device(self) -> torch.device:
         return self.device
 
-    def _whole_bytes(self, shard: torch.Tensor, dim: int, sizes: list[int]) -> int:
+    def _whole_bytes(self, shard: torch.Tensor, sizes: list[int]) -> int:
         """Bytes of the whole gathered tensor, from this rank's shard and every slot's share."""
         return shard.numel() * shard.element_size() * sum(sizes) // sizes[self.group_index]
 
@@ -95,7 +95,7 @@ class DistributedPlacement:
         """All-gather this slot's shard over the "group" dimension (backward: reduce-scatter)."""
         (shard,) = shards
         sizes = slot_sizes(group_sizes, self.num_slots)
-        nbytes = all_gather_bytes(self._whole_bytes(shard, dim, sizes), group_sizes)
+        nbytes = all_gather_bytes(self._whole_bytes(shard, sizes), group_sizes)
         self.counter.record(name, nbytes, nbytes)
         return [all_gather_for_distinct_consumers(shard, self.group_pg, dim, sizes, self.group_index, self.counter)]
 
@@ -103,7 +103,7 @@ class DistributedPlacement:
         """All-gather the logits; every rank computes the same loss, so backward keeps its own slice."""
         (shard,) = shards
         sizes = slot_sizes(group_sizes, self.num_slots)
-        self.counter.record(name, all_gather_bytes(self._whole_bytes(shard, dim, sizes), group_sizes), 0)
+        self.counter.record(name, all_gather_bytes(self._whole_bytes(shard, sizes), group_sizes), 0)
         return all_gather_for_replicated_consumer(shard, self.group_pg, dim, sizes, self.group_index, self.counter)
 
     def shuffle(self, shards: list[torch.Tensor], name: str, groups: int) -> list[torch.Tensor]:
@@ -134,8 +134,13 @@ class DistributedPlacement:
                 f"({dist.get_backend(self.group_pg)} on {self.device.type})")
 
 
-def init_process_group_from_env(backend: str = "auto", timeout_s: float = 600) -> tuple[torch.device, int, int]:
-    """Under torchrun: this rank's device and the initialised default process group; (device, world, rank)."""
+def init_process_group_from_env(backend: str = "auto", timeout_s: float = 600):
+    """Under torchrun: initialise the default process group; (device, world, rank, control group).
+
+    The control group is a CPU (gloo) group for small host-side messages (the stop vote, row
+    counts) under NCCL, so they never wait on the GPU stream; None on CPU, where the default
+    group already is gloo.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     backend = pick_backend(backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -151,7 +156,8 @@ def init_process_group_from_env(backend: str = "auto", timeout_s: float = 600) -
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if backend == "nccl" else None,
                                 **_restart_store(world, timedelta(seconds=timeout_s)))
-    return device, world, dist.get_rank()
+    control = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    return device, world, dist.get_rank(), control
 
 
 def slots_for_world(world: int, groups: int) -> int:
@@ -176,12 +182,9 @@ def init_from_env(groups: int, backend: str = "auto", timeout_s: float = 600,
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     slots = slots_for_world(world, groups)
-    device, world, _ = init_process_group_from_env(backend, timeout_s)
+    device, world, _, control = init_process_group_from_env(backend, timeout_s)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (world // slots, slots), mesh_dim_names=("data", "group"))
-    # A CPU (gloo) group for control messages (the stop vote), so agreeing to stop never
-    # waits on the GPU stream.
-    control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     counter = counter if counter is not None else CommCounter()
     placement = DistributedPlacement(groups, slots, mesh.get_group("group"), mesh.get_local_rank("group"), device,
                                      counter=counter, mesh=mesh)

@@ -97,10 +97,9 @@ class HybridRuntime(DistributedRuntime):
 def init_hybrid_from_env(groups: int, backend: str = "auto", timeout_s: float = 600,
                          counter: CommCounter | None = None):
     """Under torchrun with K ranks: (conv placement, fc placement, row exchange, runtime) for this rank."""
-    device, world, rank = init_process_group_from_env(backend, timeout_s)
+    device, world, rank, control = init_process_group_from_env(backend, timeout_s)
     counter = counter if counter is not None else CommCounter()
     world_pg = dist.group.WORLD
-    control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     conv = LocalPlacement(groups, [str(device)], counter=counter)
     fc = DistributedPlacement(world, world, world_pg, rank, device, counter=counter)
     rows = RowExchange(world_pg, rank, world, device, counter, control_pg=control)

@@ -74,8 +74,10 @@ class DistributedRuntime:
         grads = [p.grad for p in params if p.grad is not None]
         parts = [g.reshape(-1) for g in grads]
         if rows is not None:
-            parts = [g * rows for g in parts] + [grads[0].new_full((1,), float(rows))]
+            parts.append(grads[0].new_full((1,), float(rows)))
         flat = torch.cat(parts)
+        if rows is not None:
+            flat[:-1] *= rows  # in place on the buffer the all-reduce needs anyway
         with self.counter.timing(flat.device):
             dist.all_reduce(flat, group=self.data_pg)
         flat /= flat[-1:].clone() if rows is not None else self.num_replicas

@@ -50,7 +50,7 @@ def _worker(rank: int, world: int, port: int, geometry: str, batch: int, steps: 
     from parallel.hybrid import HybridRuntime, RowExchange
     from parallel.placement import LocalPlacement
     from parallel.runtime import DistributedRuntime
-    device, _, _ = init_process_group_from_env(backend)
+    device, _, _, _ = init_process_group_from_env(backend)
     base = load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"])
     gen = torch.Generator().manual_seed(0)
     spec = spec_from_config(base)

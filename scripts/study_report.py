@@ -20,6 +20,8 @@ import os
 import re
 import statistics
 
+from alexnet.spec import groups_label
+
 try:
     from scripts.study_stats import difference, verdict
 except ImportError:  # run as a file: scripts/ is on sys.path
@@ -70,10 +72,6 @@ def collect(family_dir: str) -> dict[str, list[dict]]:
             run["seed"] = int(match.group(2))
             runs.setdefault(match.group(1), []).append(run)
     return {name: runs[name] for name in sorted(runs, key=config_order)}
-
-
-def groups_label(groups) -> str:
-    return "-".join(map(str, groups)) if isinstance(groups, list) else str(groups)
 
 
 def exchanges_of(run: dict) -> str:

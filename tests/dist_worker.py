@@ -148,8 +148,17 @@ def hybrid_equivalence(rank: int, world: int, port: int, groups: int, batch: int
     grads = model.to_reference(lambda p: p.grad)
     all_logits = [None] * world
     dist.all_gather_object(all_logits, logits.detach())
+    # the CPU control group that NCCL runs use for row counts and stop votes, driven on gloo here
+    from parallel.hybrid import RowExchange
+    from parallel.runtime import DistributedRuntime
+    control = dist.new_group(backend="gloo")
+    on_control = RowExchange(dist.group.WORLD, rank, world, torch.device("cpu"), conv.counter, control_pg=control)
+    voter = DistributedRuntime(dist.group.WORLD, control, rank, rank, world, torch.device("cpu"))
+    control_ok = (on_control.batch_sizes(len(mine)) == rows.batch_sizes(len(mine))
+                  and voter.any_rank(rank == world - 1) and not voter.any_rank(False))
     if rank == 0:
-        torch.save({"logits": torch.cat(all_logits), "grads": grads, "counted": conv.counter.snapshot()}, out)
+        torch.save({"logits": torch.cat(all_logits), "grads": grads, "counted": conv.counter.snapshot(),
+                    "control_ok": control_ok}, out)
     dist.destroy_process_group()
 
 

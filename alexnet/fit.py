@@ -30,8 +30,6 @@ def build_run(cfg: dict, where=None):
     where = where or placement_from_config(cfg, spec)
     placement, runtime = where.placement, where.runtime
     model = GroupAlexNet(spec, placement, fc_placement=where.fc_placement, rows=where.rows)
-    if where.rows is not None:
-        runtime.set_sharded(model.model_parallel_parameters())
     model.load_reference(init_reference_state(spec, cfg["run"]["seed"]))
     o = cfg["optim"]
     # fused: one kernel for the whole update on CUDA, instead of a few per parameter

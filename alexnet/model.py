@@ -83,10 +83,6 @@ class GroupAlexNet(nn.Module):
             x = stage(x)
         return self.rows.rows_of(x, sizes)
 
-    def model_parallel_parameters(self) -> list[nn.Parameter]:
-        """Parameters each process holds a different shard of under the hybrid placement (the fc layers)."""
-        return [p for stage in self.fc_stages for p in stage.parameters()] if self.rows is not None else []
-
     # --- mapping to the single-device reference (ReferenceAlexNet.state_dict() keys) ---
 
     def _reference_keys(self, name: str) -> tuple[str, str]:

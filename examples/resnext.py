@@ -1,13 +1,18 @@
-"""A small ResNeXt-style network built only from parallel/, trained on Fashion-MNIST.
+"""torchvision's ResNeXt layout built only from parallel/, trained on Fashion-MNIST.
 
-Each block is 1x1 conv -> grouped 3x3 conv -> 1x1 conv, plus the block's input:
-  a: 1x1, every group's maps in   (a cross-group layer: all-gather)
-  b: 3x3, each group its own maps (no communication: nn.Conv2d(groups=G))
-  c: 1x1, every group's maps in   (a cross-group layer)
-so groups talk twice per block, and the grouped 3x3 convolution, where most of the
-multiply-accumulates are, runs with each group on its own device or process. The same
-network in plain torch (``Reference``) has the same module names, so
-``parallel.full_state_dict`` / ``load_full_state_dict`` map weights both ways.
+torchvision.models.resnet.ResNet(Bottleneck, layers, groups=G, width_per_group=w), written
+with GroupConv2d, GroupBatchNorm2d and GroupLinear, module for module and name for name, so
+``parallel.full_state_dict`` of this network *is* torchvision's state dict (running
+statistics included) and ``load_full_state_dict`` takes one. In each Bottleneck:
+  conv1 1x1, every group's maps in  (all-gather)    -> bn1 -> relu
+  conv2 3x3, each group its own     (nn.Conv2d(groups=G): no communication) -> bn2 -> relu
+  conv3 1x1, every group's maps in  (all-gather)    -> bn3, + identity (or downsample:
+                                    1x1 stride-s conv over all groups' maps, bn) -> relu
+The stem convolves the whole image in every group; fc reads every group's pooled maps.
+Every BatchNorm keeps its group's statistics on the group's slot. The network draws its
+initial weights exactly as torchvision's does (default init, then Kaiming-normal fan-out
+for convolutions, BatchNorm 1 and 0), in the same order, so a seed gives torchvision's
+initial network under every placement.
 
   python examples/resnext.py --groups 4 --epochs 1                       # one process (devices: auto)
   python examples/resnext.py --groups 2 --devices cpu cpu --epochs 1     # two slots in one process
@@ -18,82 +23,98 @@ Writes metrics.jsonl and summary.json (and TensorBoard events) into --run-dir, l
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from parallel import GroupConv2d, GroupLinear, LocalPlacement, LocalRuntime, PerGroup, Sharded, gather_output  # noqa: E402
-
-
-def add(x: Sharded, y: Sharded) -> Sharded:
-    """Residual sum of two sharded activations with the same channel split (slot by slot)."""
-    return Sharded(tuple(a + b for a, b in zip(x.parts, y.parts)), x.group_sizes)
+from parallel import (GroupBatchNorm2d, GroupConv2d, GroupLinear, LocalPlacement, LocalRuntime, PerGroup, add,
+                      gather_output)
 
 
-class Block(nn.Module):
-    """y = relu(x + c(relu(b(relu(a(x)))))): a and c are 1x1 over all groups, b is 3x3 per group."""
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck(groups=G): y = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x))))))) + shortcut(x)).
 
-    def __init__(self, placement, channels: int, width: int):
+    width = int(planes * base_width / 64) * G; conv2 carries the stride (ResNet v1.5).
+    """
+
+    expansion = 4
+
+    def __init__(self, placement, inplanes: int, planes: int, stride: int = 1, downsample=None,
+                 base_width: int = 64):
         super().__init__()
-        self.a = GroupConv2d(placement, channels, width, 1, input_mode="all", name="a", bias=False)
-        self.b = GroupConv2d(placement, width, width, 3, padding=1, input_mode="own", name="b", bias=False)
-        self.c = GroupConv2d(placement, width, channels, 1, input_mode="all", name="c")
+        width = int(planes * (base_width / 64.0)) * placement.groups
+        self.conv1 = GroupConv2d(placement, inplanes, width, 1, input_mode="all", bias=False)
+        self.bn1 = GroupBatchNorm2d(placement, width)
+        self.conv2 = GroupConv2d(placement, width, width, 3, stride=stride, padding=1, input_mode="own", bias=False)
+        self.bn2 = GroupBatchNorm2d(placement, width)
+        self.conv3 = GroupConv2d(placement, width, planes * self.expansion, 1, input_mode="all", bias=False)
+        self.bn3 = GroupBatchNorm2d(placement, planes * self.expansion)
         self.relu = PerGroup(placement, nn.ReLU(), channel_wise=True)
+        self.downsample = downsample
 
     def forward(self, x):
-        return self.relu(add(x, self.c(self.relu(self.b(self.relu(self.a(x)))))))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(add(out, self.downsample(x) if self.downsample is not None else x))
 
 
 class GroupResNeXt(nn.Module):
-    """stem (3x3 stride 2 over the whole image) -> blocks -> global average pool -> linear (classes over groups)."""
+    """torchvision's ResNet(Bottleneck, layers, groups=G, width_per_group=base_width) with G = placement.groups.
 
-    def __init__(self, placement, classes: int = 10, channels: int = 32, width: int = 32, blocks: int = 2):
+    ``base`` scales the planes (torchvision: 64, giving 64/128/256/512; smaller trains faster);
+    ``in_channels`` 3 as torchvision, 1 for Fashion-MNIST.
+    """
+
+    def __init__(self, placement, layers=(1, 1, 1, 1), base_width: int = 4, num_classes: int = 10,
+                 in_channels: int = 3, base: int = 64):
         super().__init__()
-        self.placement = placement
-        self.stem = GroupConv2d(placement, 1, channels, 3, stride=2, padding=1, input_mode="replicated", name="stem")
-        self.blocks = nn.ModuleList(Block(placement, channels, width) for _ in range(blocks))
+        self.placement, self.base_width, self.inplanes = placement, base_width, base
+        self.conv1 = GroupConv2d(placement, in_channels, base, 7, stride=2, padding=3, input_mode="replicated",
+                                 bias=False)
+        self.bn1 = GroupBatchNorm2d(placement, base)
         self.relu = PerGroup(placement, nn.ReLU(), channel_wise=True)
-        self.pool = PerGroup(placement, nn.AdaptiveAvgPool2d(1), channel_wise=True)
-        self.head = GroupLinear(placement, channels, classes, input_mode="all", name="head")
+        self.maxpool = PerGroup(placement, nn.MaxPool2d(3, 2, 1), channel_wise=True)
+        self.layer1 = self._make_layer(base, layers[0])
+        self.layer2 = self._make_layer(2 * base, layers[1], stride=2)
+        self.layer3 = self._make_layer(4 * base, layers[2], stride=2)
+        self.layer4 = self._make_layer(8 * base, layers[3], stride=2)
+        self.avgpool = PerGroup(placement, nn.AdaptiveAvgPool2d(1), channel_wise=True)
+        self.fc = GroupLinear(placement, 8 * base * Bottleneck.expansion, num_classes, input_mode="all")
+        # torchvision's re-initialisation, drawn on the full tensors in its module order
+        for m in self.modules():
+            if isinstance(m, GroupConv2d):
+                m.init_full_(lambda w: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"))
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        """As torchvision's: the downsample is built (and draws its weights) before the first block."""
+        p, out = self.placement, planes * Bottleneck.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out:
+            downsample = nn.Sequential(GroupConv2d(p, self.inplanes, out, 1, stride=stride, input_mode="all",
+                                                   bias=False), GroupBatchNorm2d(p, out))
+        layers = [Bottleneck(p, self.inplanes, planes, stride, downsample, self.base_width)]
+        self.inplanes = out
+        layers += [Bottleneck(p, out, planes, base_width=self.base_width) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.stem(images))
-        for block in self.blocks:
-            x = block(x)
-        return gather_output(self.placement, self.head(self.pool(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return gather_output(self.placement, self.fc(self.avgpool(x)))
 
 
-class ReferenceBlock(nn.Module):
-    def __init__(self, groups: int, channels: int, width: int):
-        super().__init__()
-        self.a = nn.Conv2d(channels, width, 1, bias=False)
-        self.b = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
-        self.c = nn.Conv2d(width, channels, 1)
-
-    def forward(self, x):
-        return torch.relu(x + self.c(torch.relu(self.b(torch.relu(self.a(x))))))
-
-
-class Reference(nn.Module):
-    """The same network in plain torch, with nn.Conv2d(groups=G); module names match GroupResNeXt's."""
-
-    def __init__(self, groups: int, classes: int = 10, channels: int = 32, width: int = 32, blocks: int = 2):
-        super().__init__()
-        self.stem = nn.Conv2d(1, channels, 3, stride=2, padding=1)
-        self.blocks = nn.ModuleList(ReferenceBlock(groups, channels, width) for _ in range(blocks))
-        self.head = nn.Linear(channels, classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.stem(images))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean(dim=(2, 3)))
+def torchvision_twin(groups: int, layers=(1, 1, 1, 1), base_width: int = 4, num_classes: int = 10) -> nn.Module:
+    """torchvision's own network with the same layout (built locally; no weights downloaded)."""
+    from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
+    from torchvision.models.resnet import ResNet
+    return ResNet(TorchvisionBottleneck, list(layers), num_classes=num_classes, groups=groups,
+                  width_per_group=base_width)
 
 
 def placement_for(groups: int, devices: list[str]):
@@ -105,13 +126,15 @@ def placement_for(groups: int, devices: list[str]):
     return LocalPlacement(groups, devices), LocalRuntime()
 
 
-def main(argv=None) -> int:
+def main(argv=None, network=None, name: str = "resnext") -> int:
+    """Train ``network(placement, in_channels=1)`` (default GroupResNeXt) on Fashion-MNIST; the
+    training loop is alexnet.engine's, the runtime's gradient sync and all."""
     from alexnet.engine import evaluate, train_one_epoch
     from alexnet.logs import RunLog
     from alexnet.schedule import LRSchedule
     from data.errors import DataError
     from data.fashion_mnist import build
-    from parallel import PlacementError
+    from parallel import PlacementError, full_state_dict
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,13 +145,14 @@ def main(argv=None) -> int:
     p.add_argument("--devices", nargs="+", default=["auto"])
     p.add_argument("--limit", type=int, default=0, help="only the first N images of each split (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", type=int, default=16, help="ResNeXt: planes of the first stage (torchvision: 64)")
     p.add_argument("--run-dir", default=None, help="default runs/resnext/g<G>-s<seed>")
     args = p.parse_args(argv)
-    run_dir = args.run_dir or os.path.join("runs", "resnext", f"g{args.groups}-s{args.seed}")
+    run_dir = args.run_dir or os.path.join("runs", name, f"g{args.groups}-s{args.seed}")
     try:
         placement, runtime = placement_for(args.groups, args.devices)
         torch.manual_seed(args.seed)
-        model = GroupResNeXt(placement)
+        model = (network or functools.partial(GroupResNeXt, base=args.base))(placement, in_channels=1)
         train, val = build(None, args.batch_size, 512, 28, args.seed, runtime.replica, runtime.num_replicas,
                            crop_padding=2, limit=args.limit, device=placement.input_device)
     except (PlacementError, DataError, ValueError) as e:
@@ -150,9 +174,10 @@ def main(argv=None) -> int:
         if runtime.is_main:
             print(f"epoch {epoch + 1}/{args.epochs}  loss {record['train_loss']:.4f}  "
                   f"val top-1 {record['val_top1_err']:.2f}%  {record['images_per_s']:.0f} img/s", flush=True)
-    summary = {"groups": args.groups, "seed": args.seed, "epochs": args.epochs,
+    summary = {"network": name, "groups": args.groups, "seed": args.seed, "epochs": args.epochs,
                "final_val_top1_err": record["val_top1_err"], "final_val_top5_err": record["val_top5_err"],
-               "params": sum(p.numel() for p in Reference(args.groups).parameters()),
+               "params": sum(v.numel() for k, v in full_state_dict(model).items() if "running" not in k
+                             and "num_batches" not in k),
                "wall_s": time.perf_counter() - start, "placement": placement.describe()}
     log.summary(summary)
     log.close()

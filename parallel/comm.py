@@ -10,6 +10,7 @@ same volume of gradients in the backward pass.
 from __future__ import annotations
 
 import time
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -19,9 +20,10 @@ class CommCounter:
     """Bytes exchanged between groups in one training step, per named layer and direction.
 
     Each exchange *records* its volume, a function of tensor shapes only, when its forward
-    runs: ``record(name, fwd, bwd)`` overwrites that layer's entry, so the counter holds
-    the traffic of the latest step whatever the number of steps, never reads back what it
-    stored, and nothing inside an autograd Function touches it. That keeps compiled graphs
+    runs: ``record(key, fwd, bwd)`` overwrites that layer's entry (each layer claims a key
+    of its own when built, see ``claim``; ``by_module`` reports them by module path), so the
+    counter holds the traffic of the latest step whatever the number of steps, never reads
+    back what it stored, and nothing inside an autograd Function touches it. That keeps compiled graphs
     free of breaks and of guards on changing Python numbers.
 
     With ``timed=True`` (benchmarks only) the distributed collectives also record their
@@ -32,6 +34,30 @@ class CommCounter:
         self.bytes: dict[str, int] = {}
         self.timed = timed
         self.seconds = 0.0
+        self._owners: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def claim(self, name: str, owner) -> str:
+        """A key no other live layer of this counter holds: ``name``, else ``name.2``, ``name.3``, ...
+
+        Layers claim their key when they are built, so layers built in a loop without names
+        never overwrite each other's bytes; a key is free again once its owner is gone.
+        """
+        key, n = name, 1
+        while key in self._owners and self._owners[key] is not owner:
+            n += 1
+            key = f"{name}.{n}"
+        self._owners[key] = owner
+        return key
+
+    def by_module(self, model) -> dict[str, int]:
+        """``snapshot()`` with every layer's key replaced by its module path in ``model``
+        (``"blocks.0.a/fwd"``); exchanges that belong to no module of it keep their names."""
+        path_of = {getattr(m, "key", None): path for path, m in model.named_modules() if getattr(m, "key", None)}
+        out = {}
+        for entry, nbytes in self.bytes.items():
+            key, direction = entry.rsplit("/", 1)
+            out[f"{path_of.get(key, key)}/{direction}"] = nbytes
+        return out
 
     def record(self, name: str, fwd_bytes: int, bwd_bytes: int) -> None:
         """Layer ``name`` moves ``fwd_bytes`` forward and ``bwd_bytes`` of gradients backward per step."""
@@ -196,6 +222,37 @@ def all_gather_for_distinct_consumers(shard, pg, dim, sizes, index, counter):
 
 def all_gather_for_replicated_consumer(shard, pg, dim, sizes, index, counter):
     return _AllGatherReplicatedConsumer.apply(shard, pg, dim, sizes, index, counter)
+
+
+class _AllReduceOverReplicas(torch.autograd.Function):
+    """Forward: S = sum_r t_r over the data replicas (batch statistics of the global batch).
+
+    Backward: replica r receives (sum_r' n_r' dL_r'/dS) / n_r, with n_r its batch rows. The
+    runtime averages gradients weighted by rows (sum_r n_r g_r / sum n_r), so this makes
+    every gradient that flows through S that of the global batch's mean loss, also when
+    the replicas' slices differ in size; with equal slices it is SyncBatchNorm's plain sum.
+    """
+
+    @staticmethod
+    def forward(ctx, t, pg, rows):
+        import torch.distributed as dist
+        ctx.meta = (pg, rows)
+        out = t.clone()
+        dist.all_reduce(out, group=pg)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        pg, rows = ctx.meta
+        grad = grad * rows
+        dist.all_reduce(grad, group=pg)
+        return grad / rows, None, None
+
+
+def all_reduce_over_replicas(t: torch.Tensor, pg, rows: int) -> torch.Tensor:
+    """sum of ``t`` over the replicas in ``pg``; autograd-correct for the global batch's loss (see above)."""
+    return _AllReduceOverReplicas.apply(t, pg, rows)
 
 
 # --- channel shuffle: group g receives the g-th 1/G slice of every group's maps ------------------

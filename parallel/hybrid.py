@@ -32,6 +32,7 @@ import torch.distributed as dist
 from parallel.comm import CommCounter, all_gather_bytes, all_gather_for_distinct_consumers, features_to_rows
 from parallel.distributed import DistributedPlacement, init_process_group_from_env
 from parallel.placement import LocalPlacement
+from parallel.roles import split_over
 from parallel.runtime import DistributedRuntime
 from parallel.sharded import Sharded, slot_sizes
 
@@ -75,23 +76,17 @@ class RowExchange:
 
 class HybridRuntime(DistributedRuntime):
     """K ranks as K data replicas for the replicated (conv) weights; the sharded (fc) weights' gradients
-    are divided by K instead of averaged (see the module docstring for why)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._sharded: set[int] = set()
-
-    def set_sharded(self, params) -> None:
-        """Name the parameters each rank holds a different shard of."""
-        self._sharded = {id(p) for p in params}
+    are divided by K instead of averaged (see the module docstring for why). Which is which it reads
+    from each parameter's tag (``parallel.roles``): a parameter split over this runtime's ranks is a shard."""
 
     def sync_gradients(self, params, rows: int | None = None) -> None:
         """``rows`` is not needed: the row exchange already weighted each rank's loss by its rows."""
         params = list(params)
+        shards = {id(p) for p in params if split_over(p) is self.data_pg}
         for p in params:
-            if id(p) in self._sharded and p.grad is not None:
+            if id(p) in shards and p.grad is not None:
                 p.grad.div_(self.num_replicas)
-        super().sync_gradients([p for p in params if id(p) not in self._sharded])
+        super().sync_gradients([p for p in params if id(p) not in shards])
 
 
 def init_hybrid_from_env(groups: int, backend: str = "auto", timeout_s: float = 600,

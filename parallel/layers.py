@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from parallel.placement import check_dealable, split_sizes
+from parallel.placement import PlacementError, check_dealable, split_sizes
+from parallel.roles import tag
 from parallel.sharded import Sharded
 
 #: where a group's input comes from: its own group's maps, every group's (all-gather), the
@@ -32,12 +33,50 @@ from parallel.sharded import Sharded
 INPUT_MODES = ("own", "all", "shuffle", "replicated")
 
 
-class _GroupSharded(nn.Module):
+def slot_row_ranges(placement, group_out: list[int]) -> list[tuple[int, int]]:
+    """Each local slot's rows [lo, hi) of the twin, when group g owns ``group_out[g]`` rows in order."""
+    ranges = []
+    for slot in placement.local_slots:
+        mine = slot.groups_of(len(group_out), placement.num_slots)
+        start = sum(group_out[:mine.start])
+        ranges.append((start, start + sum(group_out[g] for g in mine)))
+    return ranges
+
+
+class ShardedModule(nn.Module):
+    """A module whose state is a slice of a single-device twin's: it maps to and from the twin.
+
+    ``to_full()`` assembles the twin's state (CPU tensors under the twin's keys), ``load_full()``
+    takes this process's slice of one; ``full_keys`` lists the keys. ``full_state_dict`` /
+    ``load_full_state_dict`` do this for a whole model and are the format that loads under
+    every placement. ``state_dict()`` is this placement's own (one entry per local slot):
+    loading it under another placement raises ``PlacementError`` naming the portable format.
+    """
+
+    full_keys: tuple[str, ...] = ("weight", "bias")
+
+    def _layout(self) -> dict:
+        return {"class": type(self).__name__, "groups": self.groups, "num_slots": self.placement.num_slots,
+                "slots": [s.index for s in self.placement.local_slots]}
+
+    def get_extra_state(self) -> dict:
+        return self._layout()
+
+    def set_extra_state(self, state) -> None:
+        if state != self._layout():
+            raise PlacementError(
+                f"{self.key}: this state_dict was saved under another placement ({state}, here {self._layout()}); "
+                "state_dict() is per placement: save parallel.full_state_dict(model) and load it with "
+                "parallel.load_full_state_dict(model, state), which works under every placement")
+
+
+class _GroupSharded(ShardedModule):
     """Bookkeeping shared by the sharded layers: output rows per group and per slot."""
 
-    def __init__(self, placement, in_features: int, out_features: int, input_mode: str, name: str,
-                 uneven_ok: bool, groups: int | None):
+    def __init__(self, placement, in_features: int, out_features: int, input_mode: str, name: str | None,
+                 default_name: str, uneven_ok: bool, groups: int | None, dtype: torch.dtype | None):
         super().__init__()
+        name = name or default_name
         if input_mode not in INPUT_MODES:
             raise ValueError(f"{name}: input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
         G = groups or placement.groups
@@ -51,34 +90,58 @@ class _GroupSharded(nn.Module):
                              f"maps into {G} slices; use a number of input channels divisible by {G * G}")
         self.placement = placement
         self.name = name
+        # the byte counter's key: the display name, made unique among the counter's live layers
+        self.key = placement.counter.claim(name, self)
         self.input_mode = input_mode
         self.groups = G
+        self.dtype = dtype
         self.per_slot = G // placement.num_slots
         self.group_out = split_sizes(out_features, G)
-        self.slot_rows: list[tuple[int, int]] = []
-        for slot in placement.local_slots:
-            mine = slot.groups_of(G, placement.num_slots)
-            start = sum(self.group_out[:mine.start])
-            self.slot_rows.append((start, start + sum(self.group_out[g] for g in mine)))
+        self.slot_rows = slot_row_ranges(placement, self.group_out)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()  # empty when the layer has no bias
 
     def _add_block(self, shape: tuple[int, ...], device: torch.device, bias: bool) -> None:
-        self.weights.append(nn.Parameter(torch.empty(*shape, device=device)))
+        self.weights.append(tag(nn.Parameter(torch.empty(*shape, device=device, dtype=self.dtype)), self.placement))
         if bias:
-            self.biases.append(nn.Parameter(torch.zeros(shape[0], device=device)))
+            self.biases.append(tag(nn.Parameter(torch.zeros(shape[0], device=device, dtype=self.dtype)),
+                                   self.placement))
 
     def _bias(self, i: int) -> torch.Tensor | None:
         return self.biases[i] if len(self.biases) else None
 
+    @property
+    def full_weight_shape(self) -> tuple[int, ...]:
+        """The twin's weight shape as this layer stores it: (all output rows, *one row's shape)."""
+        return (sum(self.group_out), *self.weights[0].shape[1:])
+
     def reset_parameters(self) -> None:
-        """torch's default for Conv2d/Linear (Kaiming-uniform, a = sqrt(5)) on every block, so a layer
-        built on its own is ready to train; AlexNet overwrites it with its own init scheme."""
-        for i, w in enumerate(self.weights):
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-            if self._bias(i) is not None:
-                bound = 1 / math.sqrt(w[0].numel())
-                nn.init.uniform_(self._bias(i), -bound, bound)
+        """torch's default for Conv2d/Linear (Kaiming-uniform, a = sqrt(5); bias U(-1/sqrt(fan_in), ..)),
+        drawn exactly as the twin draws it: the whole tensor from the default CPU generator on
+        every slot and rank, each keeping its rows. So a seed gives the same full weights under
+        every placement, and different groups different weights."""
+        self.init_full_(lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5)),
+                        lambda b, w: nn.init.uniform_(b, -1 / math.sqrt(w[0].numel()), 1 / math.sqrt(w[0].numel()))
+                        if w[0].numel() else b.zero_())
+
+    def init_full_(self, weight_init, bias_init=None) -> None:
+        """Initialise as the twin would be by ``weight_init(W)`` then ``bias_init(b, W)``, in place,
+        on the twin's full CPU tensors (in the RNG order the twin would draw them); keep this
+        process's rows. ``bias_init`` None leaves the biases as they are.
+
+        Costs one full tensor on the host per layer while it runs: fc6 of the paper
+        (4096 x 9216 fp32) is 151 MB, drawn on every rank.
+        """
+        dtype = self.weights[0].dtype
+        weight = weight_init(torch.empty(self.full_weight_shape, dtype=dtype))
+        bias = None
+        if len(self.biases) and bias_init is not None:
+            bias = bias_init(torch.empty(weight.shape[0], dtype=dtype), weight)
+        with torch.no_grad():
+            for i, (lo, hi) in enumerate(self.slot_rows):
+                self.weights[i].copy_(weight[lo:hi].reshape(self.weights[i].shape))
+                if bias is not None:
+                    self.biases[i].copy_(bias[lo:hi])
 
     def to_full(self, value_of=None) -> dict[str, torch.Tensor]:
         """The single-device twin's parameters (CPU): every group's rows stacked in group order.
@@ -133,9 +196,9 @@ class _GroupSharded(nn.Module):
         if len(x.parts) != len(slots):
             raise ValueError(f"{self.name}: expected {len(slots)} shards, got {len(x.parts)}")
         if self.input_mode == "all":
-            return self.placement.gather(list(x.parts), dim, self.name, x.group_sizes)
+            return self.placement.gather(list(x.parts), dim, self.key, x.group_sizes)
         if self.input_mode == "shuffle":
-            return self.placement.shuffle(list(x.parts), self.name, self.groups)
+            return self.placement.shuffle(list(x.parts), self.key, self.groups)
         return list(x.parts)
 
     def _output(self, parts: list[torch.Tensor]) -> Sharded:
@@ -158,19 +221,49 @@ class GroupConv2d(_GroupSharded):
     """
 
     def __init__(self, placement, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
-                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0, input_mode: str = "own",
-                 name: str = "conv", dilation: int | tuple[int, int] = 1, bias: bool = True,
-                 groups: int | None = None):
-        super().__init__(placement, in_channels, out_channels, input_mode, name, uneven_ok=False, groups=groups)
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0, input_mode: str = "own",
+                 name: str | None = None, dilation: int | tuple[int, int] = 1, bias: bool = True,
+                 groups: int | None = None, padding_mode: str = "zeros", dtype: torch.dtype | None = None):
+        super().__init__(placement, in_channels, out_channels, input_mode, name, "conv", uneven_ok=False,
+                         groups=groups, dtype=dtype)
         grouped = input_mode in ("own", "shuffle")
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding_mode = padding_mode
+        self.padding, self.explicit_pad = self._check_padding(padding, padding_mode)
         self.in_per_filter = in_channels // self.groups if grouped else in_channels
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
-            self._add_block((hi - lo, self.in_per_filter, *_pair(kernel_size)), slot.device, bias)
+            self._add_block((hi - lo, self.in_per_filter, *self.kernel_size), slot.device, bias)
         self.slot_conv_groups = [self.per_slot if grouped else 1 for _ in placement.local_slots]
         # How a slot holding k > 1 groups computes them; both give the same Y_g (see FORMULATIONS).
         self.formulation = "grouped"
         self.reset_parameters()
+
+    PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+    def _check_padding(self, padding, padding_mode):
+        """nn.Conv2d's padding rules: an int or pair, 'valid' (none) or 'same' (stride 1 only), and
+        any ``padding_mode``; a mode other than zeros pads explicitly (F.pad) before an unpadded
+        conv, as nn.Conv2d does. Returns (what F.conv2d gets, the F.pad amounts or None)."""
+        if padding_mode not in self.PADDING_MODES:
+            raise ValueError(f"{self.name}: padding_mode must be one of {self.PADDING_MODES}, got {padding_mode!r}")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"{self.name}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError(f"{self.name}: padding='same' is not supported for strided convolutions "
+                                 "(as in nn.Conv2d); give the padding as a number")
+            if padding == "valid":
+                padding = (0, 0)
+        else:
+            padding = _pair(padding)
+        if padding_mode == "zeros":
+            return padding, None
+        if padding == "same":  # the twin's split of d (k - 1): the smaller half first
+            amounts = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(self.dilation, self.kernel_size)]
+        else:
+            amounts = [(p, p) for p in padding]
+        pad = (*amounts[1], *amounts[0])  # F.pad: last dimension first
+        return (0, 0), pad
 
     #: ``grouped``: one ``F.conv2d(groups=k)`` call; ``split``: k dense convolutions, one per
     #: group, concatenated. Which is faster depends on the device, dtype, memory format and
@@ -183,6 +276,8 @@ class GroupConv2d(_GroupSharded):
                              for i, (xi, w, k) in enumerate(zip(self._inputs(x), self.weights, self.slot_conv_groups))])
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int) -> torch.Tensor:
+        if self.explicit_pad is not None:
+            x = F.pad(x, self.explicit_pad, mode=self.padding_mode)
         if k == 1 or self.formulation == "grouped":
             return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, k)
         biases = b.chunk(k, 0) if b is not None else [None] * k
@@ -203,8 +298,10 @@ class GroupLinear(_GroupSharded):
     """
 
     def __init__(self, placement, in_features: int, out_features: int, input_mode: str = "all",
-                 name: str = "fc", bias: bool = True, groups: int | None = None):
-        super().__init__(placement, in_features, out_features, input_mode, name, uneven_ok=True, groups=groups)
+                 name: str | None = None, bias: bool = True, groups: int | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__(placement, in_features, out_features, input_mode, name, "fc", uneven_ok=True, groups=groups,
+                         dtype=dtype)
         self.block_diagonal = input_mode in ("own", "shuffle")
         self.in_per_output = in_features // self.groups if self.block_diagonal else in_features
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
@@ -244,8 +341,8 @@ class PerGroup(nn.Module):
         super().__init__()
         if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
             raise ValueError(f"PerGroup applies one {type(module).__name__} to every slot, but it has parameters or "
-                             "running statistics, which each slot needs its own of; build one module per slot "
-                             "(or a sharded layer) instead")
+                             "running statistics, which each slot needs its own of; use a sharded layer instead "
+                             "(parallel.GroupBatchNorm2d for BatchNorm2d)")
         if isinstance(module, nn.modules.batchnorm._NormBase) and not channel_wise:
             raise ValueError(f"PerGroup({type(module).__name__}): folding groups into the batch would share "
                              "statistics across groups; pass channel_wise=True (statistics per channel, equal "
@@ -274,24 +371,50 @@ def gather_output(placement, x: Sharded, name: str = "logits") -> torch.Tensor:
     return placement.gather_output(list(x.parts), 1, name, x.group_sizes)
 
 
-def sharded_layers(model: nn.Module) -> dict[str, _GroupSharded]:
-    """Every GroupConv2d / GroupLinear of ``model`` by its module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, _GroupSharded)}
+def sharded_layers(model: nn.Module) -> dict[str, ShardedModule]:
+    """Every sharded module of ``model`` (GroupConv2d, GroupLinear, GroupBatchNorm2d, ...) by its module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ShardedModule)}
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<module>.weight", "<module>.bias"}`` of the single-device twin of every sharded layer (CPU)."""
+def _plain_state(model: nn.Module, value_of=None) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` entries outside every sharded module: copies in every process.
+    ``value_of(param)`` substitutes the parameters' entries (buffers stay themselves)."""
+    prefixes = tuple(f"{name}." for name in sharded_layers(model))
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(prefixes) and not k.endswith("_extra_state")}
+    if value_of is not None:
+        state.update({k: value_of(p) for k, p in model.named_parameters() if k in state})
+    return state
+
+
+def full_state_dict(model: nn.Module, value_of=None) -> dict[str, torch.Tensor]:
+    """The single-device twin's state dict (CPU): every sharded module's full tensors under
+    ``"<module>.<twin key>"`` and every other parameter and buffer as it is.
+
+    The portable format: it loads (``load_full_state_dict``) under every placement, and
+    into the twin itself. ``value_of(param)`` maps something of each parameter's shape
+    instead (``lambda p: p.grad``: the twin's gradients). A collective when distributed.
+    """
     out = {}
     for name, layer in sharded_layers(model).items():
-        for key, value in layer.to_full().items():
+        for key, value in layer.to_full(value_of).items():
             out[f"{name}.{key}"] = value
+    out.update({k: v.detach().cpu() for k, v in _plain_state(model, value_of).items()})
     return out
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Shard a full (single-device) state dict into every sharded layer, for whatever placement it has."""
+    """Shard a full (single-device) state dict into every sharded module, for whatever placement
+    it has; other parameters and buffers are copied as they are."""
     for name, layer in sharded_layers(model).items():
-        part = {key: state[f"{name}.{key}"] for key in ("weight", "bias") if f"{name}.{key}" in state}
-        if "weight" not in part:
-            raise KeyError(f"the state has no {name}.weight")
+        part = {key: state[f"{name}.{key}"] for key in layer.full_keys if f"{name}.{key}" in state}
+        if layer.full_keys[0] not in part:
+            raise KeyError(f"the state has no {name}.{layer.full_keys[0]}")
         layer.load_full(part)
+    plain = _plain_state(model)
+    missing = [k for k in plain if k not in state]
+    if missing:
+        raise KeyError(f"the state has no {', '.join(missing[:5])}")
+    with torch.no_grad():
+        for k, v in plain.items():
+            v.copy_(state[k])

@@ -34,6 +34,34 @@ class Sharded(NamedTuple):
         return Sharded(tuple(fn(p) for p in self.parts), self.group_sizes)
 
 
+def add(x: Sharded, y: Sharded) -> Sharded:
+    """Residual sum X + Y of two activations with the same channel split, slot by slot (no exchange)."""
+    if x.group_sizes != y.group_sizes or len(x.parts) != len(y.parts):
+        raise ValueError(f"parallel.add: the two activations are split differently ({x.group_sizes} vs "
+                         f"{y.group_sizes} channels per group); a residual sum needs the same split")
+    return Sharded(tuple(a + b for a, b in zip(x.parts, y.parts)), x.group_sizes)
+
+
+def cat(x: Sharded, y: Sharded) -> Sharded:
+    """Channel concatenation inside each group, slot by slot (no exchange).
+
+    Group g of the result holds X_g then Y_g, so the reference activation is
+    cat(X_0, Y_0, X_1, Y_1, ..., X_{G-1}, Y_{G-1}) along dim 1, not cat(X, Y): each group
+    keeps its own maps, and a grouped layer after it reads only its own group's.
+    """
+    if x.groups != y.groups or len(x.parts) != len(y.parts):
+        raise ValueError(f"parallel.cat: the two activations have {x.groups} and {y.groups} groups; "
+                         "concatenating inside groups needs the same number")
+    if len(set(x.group_sizes)) > 1 or len(set(y.group_sizes)) > 1:
+        raise ValueError("parallel.cat: concatenation inside groups needs equal groups in each activation, got "
+                         f"{x.group_sizes} and {y.group_sizes} channels per group")
+    parts = []
+    for a, b in zip(x.parts, y.parts):  # a slot's groups, interleaved: X_g then Y_g
+        xa, yb = a.split(x.group_sizes[0], dim=1), b.split(y.group_sizes[0], dim=1)
+        parts.append(torch.cat([t for pair in zip(xa, yb) for t in pair], dim=1))
+    return Sharded(tuple(parts), tuple(a + b for a, b in zip(x.group_sizes, y.group_sizes)))
+
+
 def slot_sizes(group_sizes, num_slots: int) -> list[int]:
     """Each slot's share of dim 1 when G groups are dealt to ``num_slots`` slots in contiguous blocks."""
     per = len(group_sizes) // num_slots

@@ -47,6 +47,7 @@ def _worker(rank: int, world: int, port: int, geometry: str, batch: int, steps: 
     from alexnet.model import GroupAlexNet
     from parallel import CommCounter
     from parallel.distributed import DistributedPlacement, init_process_group_from_env
+    from parallel.roles import split_over
     from parallel.hybrid import HybridRuntime, RowExchange
     from parallel.placement import LocalPlacement
     from parallel.runtime import DistributedRuntime
@@ -70,11 +71,9 @@ def _worker(rank: int, world: int, port: int, geometry: str, batch: int, steps: 
             # the conv groups share one device here: their exchange is no traffic between processes
             model = GroupAlexNet(spec, LocalPlacement(world, [str(device)], counter=CommCounter()), fc_placement=fc,
                                  rows=RowExchange(world_pg, rank, world, device, counter))
-            runtime.set_sharded(model.model_parallel_parameters())
             inputs, labels = x[mine], y[mine]
             # the conv weights' gradient all-reduce, as a ring moves it: every rank receives 2 (K-1)/K of them
-            sharded = {id(p) for p in model.model_parallel_parameters()}
-            conv_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in sharded)
+            conv_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if split_over(p) is None)
             counter.record("conv_grad_allreduce", 0, 2 * (world - 1) * conv_bytes)
         else:
             model = GroupAlexNet(spec, DistributedPlacement(world, world, world_pg, rank, device, counter=counter))

@@ -138,7 +138,6 @@ def hybrid_equivalence(rank: int, world: int, port: int, groups: int, batch: int
     spec = tiny_spec(groups)
     conv, fc, rows, runtime = init_hybrid_from_env(spec.slot_groups, "gloo")
     model = GroupAlexNet(spec, conv, fc_placement=fc, rows=rows)
-    runtime.set_sharded(model.model_parallel_parameters())
     model.load_reference(init_reference_state(spec, 0))
     x, y = batch_of(batch)
     mine = torch.tensor_split(torch.arange(batch), world)[rank]
@@ -174,4 +173,86 @@ def replicas_uneven(rank: int, world: int, port: int, groups: int, batch: int, o
     grads = model.to_reference(lambda p: p.grad)
     if rank == 0:
         torch.save({"grads": grads}, out)
+    dist.destroy_process_group()
+
+
+def example_network(name: str, placement):
+    """A seeded example network (float64) for ``placement``: the twin's initial weights by construction."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import resnext
+    import shufflenet
+    torch.manual_seed(0)
+    net = resnext.GroupResNeXt(placement) if name == "resnext" else shufflenet.GroupShuffleNet(placement)
+    return net.double()
+
+
+def example_batch(name: str):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3 if name == "resnext" else 1, 32, 32, generator=gen, dtype=torch.float64)
+    return x, torch.randint(0, 10, (4,), generator=gen)
+
+
+def example_step(net, name: str) -> dict:
+    """What the test compares with the twin: the initial state, train-mode logits and every gradient,
+    the state after (running statistics), and eval-mode logits."""
+    from parallel import full_state_dict
+    initial = full_state_dict(net)
+    x, y = example_batch(name)
+    logits = net(x)
+    F.cross_entropy(logits, y).backward()
+    out = {"initial": initial, "train_logits": logits.detach(), "grads": full_state_dict(net, lambda p: p.grad),
+           "after": full_state_dict(net)}
+    net.eval()
+    with torch.no_grad():
+        out["eval_logits"] = net(x)
+    return out
+
+
+def example_equivalence(rank: int, world: int, port: int, name: str, groups: int, out: str):
+    """An example network under torchrun-like ranks: rank 0 saves ``example_step``'s results."""
+    setup(rank, world, port)
+    from parallel.distributed import init_from_env
+    placement, _ = init_from_env(groups, "gloo")
+    got = example_step(example_network(name, placement), name)
+    if rank == 0:
+        torch.save(got, out)
+    dist.destroy_process_group()
+
+
+def seeded_init(rank: int, world: int, port: int, groups: int, out: str):
+    """The README's API, seeded, under ``world`` ranks (world / groups replicas): every rank saves its
+    full_state_dict (rank r to out.r)."""
+    setup(rank, world, port)
+    from parallel import full_state_dict
+    from parallel.distributed import init_from_env
+    from test_library import readme_network
+    placement, _ = init_from_env(groups, "gloo")
+    torch.manual_seed(0)
+    torch.save(full_state_dict(readme_network(placement)), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def synced_batchnorm(rank: int, world: int, port: int, out: str):
+    """D = world replicas of G = 1 on unequal slices (3 and 5 rows): a conv, GroupBatchNorm2d(sync=True)
+    and a loss; rank 0 saves the output rows, the synced gradients and the running statistics."""
+    setup(rank, world, port)
+    from parallel import GroupBatchNorm2d, GroupConv2d, full_state_dict
+    from parallel.distributed import init_from_env
+    from test_library import bn_batch
+    placement, runtime = init_from_env(1, "gloo")
+    torch.manual_seed(0)
+    conv = GroupConv2d(placement, 3, 4, 3, input_mode="replicated", dtype=torch.float64)
+    bn = GroupBatchNorm2d(placement, 4, sync=True, dtype=torch.float64)
+    x, target = bn_batch()
+    mine = [slice(0, 3), slice(3, 8)][runtime.replica]
+    y = bn(conv(x[mine])).parts[0]
+    (y - target[mine]).square().mean().backward()
+    runtime.sync_gradients(list(conv.parameters()) + list(bn.parameters()), rows=y.shape[0])
+    net = torch.nn.ModuleDict({"conv": conv, "bn": bn})
+    got = {"y": y.detach(), "grads": full_state_dict(net, lambda p: p.grad), "state": full_state_dict(net)}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, got)
+    if rank == 0:
+        torch.save(everyone, out)
     dist.destroy_process_group()

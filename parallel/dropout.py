@@ -1,0 +1,122 @@
+"""Dropout whose mask depends on what it applies to, never on who draws it.
+
+Element e of a layer's activation, at global batch row r and global feature (or channel
+and position) j, is kept when
+
+    u(seed, step, layer, r, j) >= p,      y_e = x_e / (1 - p) if kept, else 0,
+
+where u = h / 2^32 and h is a counter-based 32-bit hash of the element's global row r and
+global feature j (channel-major position in a map) mixed with a key made from (seed,
+step) and the layer's name. So any slice of the mask holds the same numbers whoever holds the
+slice: one slot, G slots on G devices (each device's own generator plays no part, so
+two GPUs never drop the same units together), G ranks, D x G ranks, the hybrid placement,
+and a run resumed in another placement. It is a few integer tensor ops on the slot's
+device: no generator object, no host work per step beyond two ``fill_``, nothing a
+compiled graph breaks on (step and row offset are tensors, so they never recompile it).
+
+The training loop calls ``set_draws(layers, seed, step, row_offset)`` before each step:
+``row_offset`` is the global row of this replica's first row (0 in one process).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from parallel.sharded import Sharded
+
+_MASK32 = 0xFFFFFFFF
+
+
+# A 32-bit integer hash (Wellons' hash-prospector, "0x21f0aaad / 0x735a2d97", bias ~0.1) whose
+# multipliers are below 2^31, so x * c of an x < 2^32 fits int64: one multiply and one mask.
+_M1, _M2, _GOLDEN = 0x21F0AAAD, 0x735A2D97, 0x61C88647
+
+
+def _mix32(x):
+    """A bijection of [0, 2^32) whose output bits all depend on every input bit (tensors or ints)."""
+    x = x ^ (x >> 16)
+    x = (x * _M1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & _MASK32
+    return x ^ (x >> 15)
+
+
+def step_key(seed: int, step: int) -> int:
+    """The 32-bit key of (seed, step), shared by every layer and every process."""
+    return _mix32(_mix32(seed & _MASK32) ^ _mix32(step & _MASK32) ^ (step >> 32))
+
+
+def hash_of(rows: torch.Tensor, cols: torch.Tensor, key, layer: int) -> torch.Tensor:
+    """32-bit hash, uniform on [0, 2^32), of every (row, col) pair of the broadcast int64 index
+    tensors under (key, layer): each index hashed on its own (small vectors), then combined
+    and mixed once over the whole activation."""
+    h_rows = _mix32(((rows * _GOLDEN) & _MASK32) ^ key)
+    h_cols = _mix32(((cols * _GOLDEN) & _MASK32) ^ layer)
+    return _mix32(h_rows ^ h_cols)
+
+
+class GroupDropout(nn.Module):
+    """nn.Dropout(p) over a Sharded activation, with the mask above (identity in eval mode).
+
+    ``global_rows``: the layer sees the whole global batch whatever the replica (the hybrid
+    placement's fc part), so its rows start at 0 instead of the replica's row offset.
+    """
+
+    def __init__(self, placement, p: float = 0.5, name: str | None = None, global_rows: bool = False):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+        self.placement, self.p, self.global_rows = placement, p, global_rows
+        self.threshold, self.scale = round(p * 2 ** 32), 1.0 / (1.0 - p)  # kept: hash >= p 2^32
+        self.name = name or "dropout"
+        self.key = placement.counter.claim(self.name, self)
+        # the layer's part of the hash: its display name, the same under every placement
+        self.layer_id = zlib.crc32(self.name.encode())
+        for i, slot in enumerate(placement.local_slots):  # (step key, row offset) on every slot's device
+            self.register_buffer(f"draw_{i}", torch.zeros(2, dtype=torch.int64, device=slot.device),
+                                 persistent=False)
+
+    def set_draws(self, key: int, row_offset: int) -> None:
+        for i in range(len(self.placement.local_slots)):
+            draw = getattr(self, f"draw_{i}")
+            draw[0].fill_(key)
+            draw[1].fill_(0 if self.global_rows else row_offset)
+
+    def forward(self, x: Sharded) -> Sharded:
+        if not self.training or self.p == 0.0:
+            return x
+        per = x.groups // self.placement.num_slots
+        out = []
+        for i, (slot, part) in enumerate(zip(self.placement.local_slots, x.parts)):
+            first_channel = sum(x.group_sizes[:slot.index * per])
+            keep = self._keep(part, getattr(self, f"draw_{i}"), first_channel, sum(x.group_sizes))
+            out.append(torch.where(keep, part * self.scale, 0.0))
+        return Sharded(tuple(out), x.group_sizes)
+
+    def _keep(self, part: torch.Tensor, draw: torch.Tensor, first_channel: int, channels: int) -> torch.Tensor:
+        """Whether each element of ``part`` is kept, from its global (row, channel, position)."""
+        n, c = part.shape[:2]
+        positions = math.prod(part.shape[2:])
+        rows = (torch.arange(n, device=part.device) + draw[1]).view((n,) + (1,) * (part.dim() - 1))
+        cols = (torch.arange(c, device=part.device) + first_channel).view((1, c) + (1,) * (part.dim() - 2))
+        if positions > 1:  # a map's elements: channel-major, as the reference's flatten
+            cols = cols * positions + torch.arange(positions, device=part.device).view((1, 1) + tuple(part.shape[2:]))
+        keep = hash_of(rows, cols, draw[0], self.layer_id) >= self.threshold
+        return keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, name={self.name!r}"
+
+
+def set_draws(layers, seed: int, step: int, row_offset: int = 0) -> None:
+    """Point every GroupDropout in ``layers`` at (seed, step); this replica's rows start at ``row_offset``."""
+    key = step_key(seed, step)
+    for layer in layers:
+        layer.set_draws(key, row_offset)
+
+
+def dropout_layers(model: nn.Module) -> list[GroupDropout]:
+    return [m for m in model.modules() if isinstance(m, GroupDropout)]

@@ -11,6 +11,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from parallel.dropout import dropout_layers, set_draws
+
 
 def topk_wrong(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
     """Number of samples whose label is not among the top-k logits, for each k (device tensors)."""
@@ -30,11 +32,6 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; nothing after the last good checkpoint is saved."""
 
 
-def step_seed(seed: int, step: int, process_index: int) -> int:
-    """Dropout randomness depends only on (seed, step, process): a resumed run replays it exactly."""
-    return (seed * 1_000_003 + step * 10_007 + process_index * 101) % (2 ** 63)
-
-
 def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """The batch on the model's input device, NHWC in memory when asked (cuDNN's fast layout)."""
     images = images.to(device, non_blocking=True)
@@ -48,7 +45,11 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoc
                     should_stop=lambda: False, carry: dict | None = None, channels_last: bool = False) -> dict:
     """Forward, backward, step over the loader; returns epoch metrics and the new global step.
 
-    The host reads the loss only every ``log_every`` steps, so GPU groups never wait on it.
+    The host reads the loss only every ``log_every`` steps, so GPU groups never wait on it;
+    the loss it logs there is the global batch's mean (summed over replicas), and a loss
+    that is not finite on any replica stops every replica there. Dropout draws from
+    (seed, step, global row, global feature) (``parallel.dropout``): the same masks under
+    every placement.
     ``carry`` holds the sums of an epoch interrupted earlier (resume mid-epoch). When
     ``should_stop()`` turns true on any rank, every rank stops after the same step: each
     step starts a vote that the next step reads, so no step waits for the others.
@@ -65,9 +66,11 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoc
     comm_bytes = None
     # set on the device when a loss is not finite; read where the host reads anyway (log steps, epoch end)
     diverged = torch.zeros((), dtype=torch.bool, device=device)
+    drops = dropout_layers(model)
+    first_batch = loader.sampler.skip if hasattr(loader, "sampler") else 0
     start = time.perf_counter()
-    for images, labels in loader:
-        torch.manual_seed(step_seed(seed, step, runtime.process_index))
+    for batch_index, (images, labels) in enumerate(loader, start=first_batch):
+        set_draws(drops, seed, step, row_offset(loader, batch_index, runtime))
         lr = schedule.lr(step, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -95,12 +98,14 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoc
             # the exchange volume of a full batch (an epoch's last batch may be smaller)
             comm_bytes = placement.counter.total()
         if step % log_every == 0:
-            # every rank of one replica sees the same loss; with replicas, only the reduced epoch sums agree
-            if runtime.num_replicas == 1 and diverged.item():
+            # one small all-reduce where the host reads anyway: the global batch's loss, and any replica's NaN
+            loss_sum, rows, bad = runtime.all_reduce_sum(
+                torch.stack([loss.detach().double() * n, sums.new_tensor(float(n)), diverged.double()])).tolist()
+            if bad:
                 raise TrainingDiverged(f"the training loss became NaN or infinite by step {step} (lr {lr:.3g})")
             running = (sums[0] / sums[3]).item()
             if on_log:
-                on_log(step, loss.item(), lr)
+                on_log(step, loss_sum / rows, lr)
             if progress:
                 progress.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.3g}")
         if progress:
@@ -124,6 +129,13 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoc
             "images_per_s": seen * runtime.num_replicas / elapsed, "train_s": elapsed, "step": step,
             "comm_bytes_per_step": comm_bytes or 0,
             "stopped": stopped, "partial": partial}
+
+
+def row_offset(loader, batch_index: int, runtime) -> int:
+    """The global batch row where this replica's rows of batch ``batch_index`` start."""
+    if runtime.num_replicas == 1:
+        return 0
+    return loader.sampler.row_offset(batch_index)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from torch import nn
 from alexnet.lrn import FastLRN
 from alexnet.spec import LRN_AFTER, LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, POOL_AFTER, POOL_KERNEL, POOL_STRIDE, AlexNetSpec
 from parallel import GroupConv2d, GroupLinear, PerGroup, PlacementError, gather_output
+from parallel.dropout import GroupDropout
 
 
 class GroupAlexNet(nn.Module):
@@ -43,7 +44,6 @@ class GroupAlexNet(nn.Module):
         lrn = PerGroup(placement, lrn_module(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K))
         pool = PerGroup(placement, nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE), channel_wise=True)
         fc_relu = PerGroup(fc_placement, nn.ReLU(), channel_wise=True)
-        drop = PerGroup(fc_placement, nn.Dropout(spec.dropout), channel_wise=True)
         self.stages = nn.ModuleList()
         self.fc_stages = nn.ModuleList()
         self.weight_layers: dict[str, nn.Module] = {}
@@ -65,7 +65,9 @@ class GroupAlexNet(nn.Module):
                                     groups=fc_placement.num_slots if rows is not None else info.groups)
                 self.fc_stages.append(layer)
                 if info.name != "fc8":
-                    self.fc_stages.extend([fc_relu, drop])
+                    # masks from global rows and features: the same under every placement
+                    self.fc_stages.extend([fc_relu, GroupDropout(fc_placement, spec.dropout, f"{info.name}.dropout",
+                                                                 global_rows=rows is not None)])
             self.weight_layers[info.name] = layer
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

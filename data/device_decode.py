@@ -189,11 +189,16 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def train_batch(images: list[torch.Tensor], size: int, pca_std: float, gen: torch.Generator) -> torch.Tensor:
-    """Random crop of the 256-resized image, flip, PCA lighting, normalisation; (N, 3, size, size)."""
-    n = len(images)
-    u = torch.rand(n, 3, generator=gen, dtype=torch.float64)
-    alpha = torch.randn(n, 3, generator=gen) * pca_std
+def batch_draws(gen: torch.Generator, rows: int, pca_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, alpha) for ``rows`` images: u (rows, 3) uniform (crop top, crop left, flip), alpha (rows, 3) PCA noise."""
+    u = torch.rand(rows, 3, generator=gen, dtype=torch.float64)
+    return u, torch.randn(rows, 3, generator=gen) * pca_std
+
+
+def train_batch(images: list[torch.Tensor], size: int, u: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Random crop of the 256-resized image, flip, PCA lighting, normalisation; (N, 3, size, size).
+
+    ``u``, ``alpha``: each image's draws (``batch_draws``), row for row."""
     rh, rw = resized_sizes(images)
     tops = (u[:, 0] * (rh - size + 1)).floor().clamp(min=0)[:, None]
     lefts = (u[:, 1] * (rw - size + 1)).floor().clamp(min=0)[:, None]
@@ -245,8 +250,12 @@ class DeviceDecodeLoader(SamplerLoader):
                 continue
             labels = torch.tensor([batch.entries[j][3] for j in keep])
             if self.train:
-                gen = epoch_generator(self.seed, self.sampler.epoch, stream=1 + i)
-                yield train_batch(images, self.size, self.pca_std, gen), labels
+                # the global batch's draws, of which this replica's decoded images take theirs
+                lo, hi = self.sampler.global_positions(i)
+                u, alpha = batch_draws(epoch_generator(self.seed, self.sampler.epoch, stream=1 + i), hi - lo,
+                                       self.pca_std)
+                mine = torch.tensor(keep, dtype=torch.long) + self.sampler.row_offset(i)
+                yield train_batch(images, self.size, u[mine], alpha[mine]), labels
             else:
                 yield eval_batch(images, self.size, self.eval_crops), labels
 

@@ -118,20 +118,23 @@ class InMemoryLoader(SamplerLoader):
         self.num_samples = len(labels)
 
     def _epoch_draws(self, batches: range) -> torch.Tensor:
-        """(3, samples) crop tops, crop lefts and flips (0/1) of the given batches, in order.
+        """(3, samples) crop tops, crop lefts and flips (0/1) of this replica's rows of the given batches.
 
-        One generator per batch: a run resumed mid-epoch draws the same crops and flips.
+        One generator per global batch, drawing for every row of it: a run resumed mid-epoch
+        draws the same crops and flips, and a sample gets the same draws whichever replica
+        (and however many) takes it.
         """
         draws = []
         p = self.crop_padding
         for i in batches:
             gen = epoch_generator(self.seed, self.sampler.epoch, stream=1 + i)
+            lo, hi = self.sampler.global_positions(i)
             start, end = self.sampler.batch_positions(i)
-            n = end - start
+            n = hi - lo  # the whole global batch's draws; this replica keeps its rows
             top = torch.randint(0, 2 * p + 1, (n,), generator=gen)
             left = torch.randint(0, 2 * p + 1, (n,), generator=gen)
             flip = (torch.rand(n, generator=gen) < 0.5).long() if self.flip else torch.zeros(n, dtype=torch.long)
-            draws.append(torch.stack([top, left, flip]))
+            draws.append(torch.stack([top, left, flip])[:, start - lo:end - lo])
         return torch.cat(draws, dim=1) if draws else torch.zeros(3, 0, dtype=torch.long)
 
     def __iter__(self):

@@ -11,9 +11,19 @@ from __future__ import annotations
 import torch
 
 
+def stream_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A seed that depends only on (seed, epoch, stream)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + stream) % 2 ** 63
+
+
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     """A generator that depends only on (seed, epoch, stream)."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + stream) % 2 ** 63)
+    return torch.Generator().manual_seed(stream_seed(seed, epoch, stream))
+
+
+#: sample draws (PIL transforms) use streams from here on, one per position in the epoch's order,
+#: apart from the per-batch streams 1 + i
+SAMPLE_STREAMS = 1 << 40
 
 
 class ReplicaBatchSampler:
@@ -45,9 +55,17 @@ class ReplicaBatchSampler:
             return torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch))
         return torch.arange(self.num_samples)
 
+    def global_positions(self, i: int) -> tuple[int, int]:
+        """[lo, hi) in ``epoch_order()`` of global batch i (every replica's rows)."""
+        return i * self.batch_size, min((i + 1) * self.batch_size, self.num_samples)
+
+    def row_offset(self, i: int) -> int:
+        """The row of the global batch i where this replica's slice starts."""
+        return self.batch_positions(i)[0] - self.global_positions(i)[0]
+
     def batch_positions(self, i: int) -> tuple[int, int]:
         """[start, end) in ``epoch_order()`` of this replica's slice of global batch i."""
-        lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.num_samples)
+        lo, hi = self.global_positions(i)
         size, extra = divmod(hi - lo, self.num_replicas)  # torch.tensor_split's rule: the first `extra` get one more
         start = lo + self.replica * size + min(self.replica, extra)
         return start, start + size + (1 if self.replica < extra else 0)
@@ -57,6 +75,25 @@ class ReplicaBatchSampler:
         for i in range(self.skip, len(self)):
             start, end = self.batch_positions(i)
             yield order[start:end].tolist()
+
+
+class KeyedBatchSampler:
+    """A ReplicaBatchSampler's batches as (sample index, draw seed) pairs: the seed is a function of
+    (seed, epoch, position in the epoch's order) alone, so a sample's random transform is the same
+    whichever replica, worker or process loads it."""
+
+    def __init__(self, sampler: ReplicaBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        s = self.sampler
+        order = s.epoch_order()
+        for i in range(s.skip, len(s)):
+            start, end = s.batch_positions(i)
+            yield [(int(order[p]), stream_seed(s.seed, s.epoch, SAMPLE_STREAMS + p)) for p in range(start, end)]
 
 
 class SamplerLoader:

@@ -256,3 +256,22 @@ def synced_batchnorm(rank: int, world: int, port: int, out: str):
     if rank == 0:
         torch.save(everyone, out)
     dist.destroy_process_group()
+
+
+def dropout_masks(rank: int, world: int, port: int, groups: int, batch: int, width: int, steps: int, out: str):
+    """GroupDropout on ones under init_from_env (world / groups replicas, each taking its rows of a
+    ``batch``-row global batch): every rank saves its masks of ``steps`` steps with its rows and columns."""
+    setup(rank, world, port)
+    from parallel import shard
+    from parallel.distributed import init_from_env
+    from parallel.dropout import GroupDropout, set_draws
+    placement, runtime = init_from_env(groups, "gloo")
+    drop = GroupDropout(placement, 0.5, name="fc6.dropout")
+    rows = torch.tensor_split(torch.arange(batch), runtime.num_replicas)[runtime.replica]
+    cols = torch.tensor_split(torch.arange(width), placement.num_slots)[placement.local_slots[0].index]
+    masks = []
+    for step in range(steps):
+        set_draws([drop], 7, step, int(rows[0]))
+        masks.append(drop(shard(torch.ones(len(rows), width), placement)).parts[0])
+    torch.save({"rows": rows, "cols": cols, "masks": masks}, f"{out}.{rank}")
+    dist.destroy_process_group()

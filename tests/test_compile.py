@@ -71,3 +71,26 @@ def test_cuda_speed_settings_run_on_cpu_tensors(monkeypatch):
     assert [line.split(":")[0] for line in said] == ["conv2", "conv4", "conv5"]
     assert conv2.formulation in ("grouped", "split") and conv2.formulation in said[0]
     assert_close(model(x.contiguous(memory_format=torch.channels_last)), expected)
+
+
+def test_dropout_compiles_into_the_graph_equals_eager_and_new_steps_do_not_recompile():
+    """GroupDropout's step and row offset are tensors: a new step draws new masks in the same graph."""
+    from parallel.dropout import dropout_layers, set_draws
+    dynamo.reset()
+    model = _model(2, ["cpu", "cpu"], dropout=0.5)
+    drops = dropout_layers(model)
+    assert len(drops) == 2
+    x = torch.randn(4, 1, 32, 32)
+    set_draws(drops, 0, 0)
+    explained = dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    dynamo.reset()
+    compiled = torch.compile(model)
+    outputs = []
+    for step in range(3):
+        set_draws(drops, 0, step, 4 * step)
+        with dynamo.config.patch(error_on_recompile=step > 0):
+            y = compiled(x)
+        assert_close(y, model(x))  # the same masks as eager
+        outputs.append(y)
+    assert not torch.equal(outputs[0], outputs[1])

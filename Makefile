@@ -7,9 +7,10 @@ BIN    := $(VENV)/bin
 # The torch build to install first (this project is tested with these versions).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup fashion-mnist clean
+.PHONY: demo test setup check-tools fashion-mnist clean
 
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "error: $(PYTHON) cannot make a virtualenv; install python3-venv (Debian/Ubuntu: apt-get install python3-venv)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
@@ -30,7 +31,12 @@ fashion-mnist:
 demo: setup fashion-mnist
 	$(BIN)/python scripts/compare_groups.py configs/fashion_mnist --seeds 0 --set train.epochs=2 --runs-dir runs/demo
 
-test: setup
+# what the tests need beyond Python: a C compiler (torch.compile's CPU backend) and pgrep (procps)
+check-tools:
+	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { echo "error: no C compiler (the torch.compile tests need one); install gcc (Debian/Ubuntu: apt-get install gcc)"; exit 2; }
+	@command -v pgrep >/dev/null 2>&1 || { echo "error: no pgrep (a fault test needs it); install procps (Debian/Ubuntu: apt-get install procps)"; exit 2; }
+
+test: setup check-tools
 	$(BIN)/python -m pytest
 
 clean:

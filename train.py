@@ -139,7 +139,19 @@ def main(argv=None) -> int:
                 else "no checkpoint had been written yet")
         print(f"interrupted; {kept}", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Under torchrun: leave the process group on every way out (NCCL warns, and may hang at exit, otherwise)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001  (a peer that died first: nothing left to tear down cleanly)
+            print(f"warning: could not close the process group ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,9 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoc
     else:
         # the last vote is read too, so every rank takes part in the same collectives
         stopped = vote is not None and vote()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    for slot_device in {s.device for s in placement.local_slots} | {device}:  # every slot's work is in the time
+        if slot_device.type == "cuda":
+            torch.cuda.synchronize(slot_device)
     elapsed = carry["train_s"] + time.perf_counter() - start
     sums = runtime.all_reduce_sum(sums)
     if not torch.isfinite(sums).all():

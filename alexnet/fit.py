@@ -54,8 +54,11 @@ def resolve_resume(resume: str | None, run_dir: str, say=print) -> str | None:
 
 
 def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = None, should_stop=lambda: False,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, hparams_experiment: bool = True) -> dict:
     """Train as the config says; returns the summary (also written to summary.json).
+
+    ``hparams_experiment=False``: the run writes its HParams session but no experiment of
+    its own (a study writes one for all its runs, ``alexnet.hparams``).
 
     The run directory is checked and locked first (``alexnet.rundir``): a folder that holds
     a run is only continued with ``resume``, and never by two processes at once.
@@ -67,14 +70,14 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
     lock = rundir.claim(cfg["run"]["dir"], resuming=bool(resume_path) or resume == "latest",
                         overwrite=cfg["run"]["overwrite"], lock=runtime.is_main)
     try:
-        return _fit(cfg, resume_path, stop_after_epoch, should_stop, where, quiet, say)
+        return _fit(cfg, resume_path, stop_after_epoch, should_stop, where, quiet, say, hparams_experiment)
     finally:
         if lock is not None:
             lock.close()
 
 
 def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, should_stop, where,
-         quiet: bool, say) -> dict:
+         quiet: bool, say, hparams_experiment: bool = True) -> dict:
     torch.manual_seed(cfg["run"]["seed"])
     accel.set_determinism(cfg["run"]["deterministic"])
     spec, placement, runtime, model, optimizer = build_run(cfg, where)
@@ -194,16 +197,9 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
     summary["settings"] = run_settings(cfg, where_text, train_loader.num_samples, val_loader.num_samples)
     summary["stopped"] = stopped
     if finished:
+        summary["hparams"] = run_hparams(cfg, spec, runtime)
         log.summary(summary)
-        log.hparams({"groups": spec.label, "exchanges": spec.exchanges, "seed": str(cfg["run"]["seed"]),
-                     "params": spec.params(),
-                     "macs": spec.macs(), "data_replicas": runtime.num_replicas, "epochs": t["epochs"],
-                     "lr": o["lr"], "batch_size": cfg["data"]["batch_size"], "data_limit": cfg["data"]["limit"],
-                     "images_per_s": round(summary["images_per_s"])},
-                    {"groups": [str(g) for g in range(1, 5)]
-                     + ([spec.label] if spec.label not in ("1", "2", "3", "4") else []),
-                     "seed": sorted({str(cfg["run"]["seed"]), *map(str, range(3))})},
-                    ["epoch/val_top1_err", "epoch/val_top5_err", "epoch/train_loss", "epoch/images_per_s"])
+        log.hparams(summary["hparams"], experiment=hparams_experiment)
     log.close()
     return summary
 
@@ -234,6 +230,15 @@ def run_settings(cfg: dict, where: str, train_samples: int, val_samples: int) ->
             "data_limit": d["limit"], "train_samples": train_samples, "val_samples": val_samples,
             "precision": t["precision"], "placement": where, "torch": torch.__version__,
             "commit": CODE_COMMIT}
+
+
+def run_hparams(cfg: dict, spec, runtime) -> dict:
+    """The run's hyperparameters for TensorBoard's HParams: what a study varies first
+    (``alexnet.hparams.STUDY_HPARAMS``), then the settings that are usually the same."""
+    d, t, o = cfg["data"], cfg["train"], cfg["optim"]
+    return {"groups": spec.label, "exchanges": spec.exchanges, "seed": cfg["run"]["seed"], "params": spec.params(),
+            "macs": spec.macs(), "data_replicas": runtime.num_replicas, "epochs": t["epochs"], "lr": o["lr"],
+            "batch_size": d["batch_size"], "data_limit": d["limit"]}
 
 
 def make_summary(cfg: dict, spec, where: str, runtime, history: list[dict], wall_s: float, mb_per_step: float) -> dict:

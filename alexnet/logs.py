@@ -99,18 +99,15 @@ class RunLog:
         if self.writer:
             self.writer.add_custom_scalars(CUSTOM_SCALARS)
 
-    def hparams(self, hparams: dict, discrete: dict, metrics: list[str]) -> None:
-        """Register this run in TensorBoard's HParams dashboard, inside the run's own directory.
-
-        The metrics are existing per-epoch scalar tags (the dashboard shows their last value),
-        so nothing is written to the Scalars page just for HParams. ``discrete`` gives the
-        value lists of categorical hyperparameters (groups and seed, as text so they read as
-        "2", not "2.0000").
-        """
+    def hparams(self, hparams: dict, experiment: bool = True) -> None:
+        """Register this run in TensorBoard's HParams dashboard, inside the run's own directory:
+        its session, and (``experiment``) an experiment of its own that opens on what a study
+        varies (``alexnet.hparams``). The metrics are the per-epoch scalar tags already written."""
         if not self.writer:
             return
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
-        for summary in hparams_summary(hparams, {m: 0.0 for m in metrics}, hparam_domain_discrete=discrete):
+        from alexnet.hparams import experiment_summary, session_summaries
+        summaries = ([experiment_summary([hparams])] if experiment else []) + session_summaries(hparams)
+        for summary in summaries:
             self.writer.file_writer.add_summary(summary)
         self.writer.flush()
 

@@ -88,15 +88,16 @@ class FastLRN(nn.Module):
         super().__init__()
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
         self.fused = fused
-        self._compiled = None
+        # one compiled function per device: slots on two GPUs never share (and recompile) one
+        self._compiled: dict[torch.device, object] = {}
 
     def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
         args = (self.size, self.alpha, self.beta, self.k, groups)
         if self.fused and x.is_cuda and not torch.compiler.is_compiling():
             try:
-                if self._compiled is None:
-                    self._compiled = torch.compile(local_response_norm)
-                return self._compiled(x, *args)
+                if x.device not in self._compiled:
+                    self._compiled[x.device] = torch.compile(local_response_norm)
+                return self._compiled[x.device](x, *args)
             except Exception as e:  # noqa: BLE001  (any compiler failure: keep training, eagerly)
                 warnings.warn(f"LRN: torch.compile failed on {x.device} ({type(e).__name__}: {e}); "
                               "using the eager LRN", stacklevel=2)

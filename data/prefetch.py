@@ -41,6 +41,10 @@ def in_background(make_iterator, device: torch.device, depth: int = 3):
 
     def work() -> None:
         try:
+            if stream is not None:
+                # a new thread starts on device 0: without this, leaving the stream context below makes
+                # device 0 current and puts a CUDA context on GPU 0 in every rank above 0
+                torch.cuda.set_device(device)
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for batch in make_iterator():
                     event = None

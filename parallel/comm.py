@@ -148,18 +148,39 @@ def gather_to_devices(shards: list[torch.Tensor], targets: list[torch.device], d
 
 # --- torch.distributed: one group per process -------------------------------------------
 
+def _padded_to(t: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """``t`` zero-padded along ``dim`` to ``width`` (uneven shares travel padded to the largest)."""
+    if t.shape[dim] == width:
+        return t
+    pad_shape = list(t.shape)
+    pad_shape[dim] = width - t.shape[dim]
+    return torch.cat([t, t.new_zeros(pad_shape).to(memory_format=_format_of(t))], dim=dim)
+
+
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D NHWC tensor (also a channel slice of one), else contiguous."""
+    nhwc = t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def _stack_rows(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The pieces (equal shapes) one after the other along dim 0, in one dense buffer of their memory format:
+    what all_gather_into_tensor fills and reduce_scatter_tensor reads (no per-rank list, no flat copy)."""
+    return torch.cat([p.contiguous(memory_format=_format_of(p)) for p in pieces], dim=0)
+
+
 def _all_gather_along(shard: torch.Tensor, pg, dim: int, sizes: list[int]) -> torch.Tensor:
-    """cat over ranks of ``shard`` along ``dim``; uneven sizes are padded for the collective, then trimmed."""
+    """cat over ranks of ``shard`` along ``dim``, in the shard's memory format (NHWC stays NHWC).
+
+    One all_gather_into_tensor into a (K * rows, ...) buffer, then one cat along ``dim``;
+    uneven shares are padded to the largest for the collective, then trimmed.
+    """
     import torch.distributed as dist
-    longest = max(sizes)
-    padded = shard
-    if shard.shape[dim] < longest:
-        pad_shape = list(shard.shape)
-        pad_shape[dim] = longest - shard.shape[dim]
-        padded = torch.cat([shard, shard.new_zeros(pad_shape)], dim=dim)
-    padded = padded.contiguous()
-    pieces = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(pieces, padded, group=pg)
+    send = _padded_to(shard, dim, max(sizes)).contiguous(memory_format=_format_of(shard))
+    received = torch.empty((len(sizes) * send.shape[0], *send.shape[1:]), dtype=send.dtype, device=send.device,
+                           memory_format=_format_of(send))
+    dist.all_gather_into_tensor(received, send, group=pg)
+    pieces = received.chunk(len(sizes), dim=0)
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, sizes)], dim=dim)
 
 
@@ -185,16 +206,16 @@ class _AllGatherDistinctConsumers(torch.autograd.Function):
 
 
 def _sum_own_slice(grad: torch.Tensor, pg, dim: int, sizes: list[int], index: int) -> torch.Tensor:
-    """sum over ranks of grad[slice index]: reduce-scatter on NCCL, all-reduce + slice on gloo."""
+    """sum over ranks of grad[slice index]: one reduce_scatter_tensor of the K slices stacked along dim 0
+    (uneven slices padded to the largest, so it moves K x the largest slice, never K x the whole),
+    in the gradient's memory format."""
     import torch.distributed as dist
-    if dist.get_backend(pg) == "nccl" and len(set(sizes)) == 1:
-        chunks = [c.contiguous() for c in grad.split(sizes, dim=dim)]
-        out = torch.empty_like(chunks[index])
-        dist.reduce_scatter(out, chunks, group=pg)
-        return out
-    grad = grad.contiguous()
-    dist.all_reduce(grad, group=pg)
-    return grad.narrow(dim, sum(sizes[:index]), sizes[index]).contiguous()
+    width = max(sizes)
+    chunks = [_padded_to(c, dim, width) for c in grad.split(sizes, dim=dim)]
+    send = _stack_rows(chunks)
+    out = torch.empty_like(chunks[index], memory_format=_format_of(chunks[index]))
+    dist.reduce_scatter_tensor(out, send, group=pg)
+    return out.narrow(dim, 0, sizes[index])
 
 
 class _AllGatherReplicatedConsumer(torch.autograd.Function):
@@ -298,7 +319,7 @@ class _AllToAllShuffle(torch.autograd.Function):
         with counter.timing(part.device):
             received = _a2a(send, pg)                         # (s, N, h_s, g_t, c, ...)
         y = received.permute(1, 3, 0, 2, *range(4, 5 + len(rest)))  # (N, g_t, s, h_s, c, ...)
-        return y.reshape(part.shape)
+        return y.reshape(part.shape).contiguous(memory_format=_format_of(part))
 
     @staticmethod
     def backward(ctx, grad):
@@ -309,7 +330,7 @@ class _AllToAllShuffle(torch.autograd.Function):
         with counter.timing(grad.device):
             received = _a2a(send, pg)                                      # (t, N, h_s, g_t, c, ...)
         g = received.permute(1, 2, 0, 3, *range(4, 5 + len(rest)))         # (N, h_s, t, g_t, c, ...)
-        return g.reshape(shape), None, None, None, None
+        return g.reshape(shape).contiguous(memory_format=_format_of(grad)), None, None, None, None
 
 
 def all_to_all_shuffle(part: torch.Tensor, pg, num_ranks: int, groups: int, counter: CommCounter) -> torch.Tensor:

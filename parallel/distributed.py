@@ -145,10 +145,15 @@ def init_process_group_from_env(backend: str = "auto", timeout_s: float = 600):
     backend = pick_backend(backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
-        if local_rank >= torch.cuda.device_count():
-            raise PlacementError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                                 "use --nproc-per-node <= GPUs per node, or parallel.backend=gloo")
-        device = torch.device("cuda", local_rank)
+        visible = torch.cuda.device_count()
+        if visible == 0:
+            raise PlacementError("parallel.backend=nccl but this process sees no GPU; use parallel.backend=gloo")
+        # one GPU per task (CUDA_VISIBLE_DEVICES per rank, as SLURM often sets it) shows every rank its
+        # GPU as cuda:0: local_rank % visible picks it; a node's GPUs shared by its ranks, cuda:local_rank
+        device = torch.device("cuda", local_rank % visible)
+        if local_rank >= visible:
+            print(f"rank {os.environ.get('RANK', '?')}: LOCAL_RANK {local_rank} but {visible} GPU(s) visible; "
+                  f"using {device} (one GPU per task)", flush=True)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -15,6 +15,7 @@ folder trained with other settings is an error, never silently mixed in. The rep
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -30,7 +31,9 @@ from alexnet.fit import fit  # noqa: E402
 from alexnet.spec import SpecError  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from parallel.placement import PlacementError  # noqa: E402
+from alexnet.hparams import write_study_experiment  # noqa: E402
 from scripts.study_report import build_report  # noqa: E402
+from scripts.study_stats import EQUIVALENCE_MARGIN  # noqa: E402
 
 
 def plan(config_dir: str, configs: list, seeds: list[int], overrides: list[str],
@@ -79,6 +82,20 @@ def check_same_settings(cfg: dict, run_dir: str) -> None:
                           "or pass --runs-dir to keep this study's runs elsewhere")
 
 
+def study_hparams(runs: list[dict]) -> list[dict]:
+    """Every finished run's HParams values, from its summary.json (runs made before they were saved
+    there are left out of the study's experiment, and still listed by their own sessions)."""
+    out = []
+    for r in runs:
+        path = os.path.join(r["dir"], "summary.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f).get("hparams")
+            if saved:
+                out.append(saved)
+    return out
+
+
 def run_study(runs: list[dict]) -> None:
     todo = [r for r in runs if r["state"] != "done"]
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to train", flush=True)
@@ -89,7 +106,7 @@ def run_study(runs: list[dict]) -> None:
         print(f"[{i}/{len(todo)}] {r['name']} seed={r['seed']} -> {r['dir']} "
               f"({'resuming' if r['state'] == 'resume' else 'new'}); study ETA {eta}", flush=True)
         start = time.perf_counter()
-        summary = fit(r["cfg"], resume="latest" if r["state"] == "resume" else None)
+        summary = fit(r["cfg"], resume="latest" if r["state"] == "resume" else None, hparams_experiment=False)
         spent += time.perf_counter() - start
         epochs_done += summary["epochs"]
         epochs_left -= r["cfg"]["train"]["epochs"]
@@ -110,6 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--collect-only", action="store_true", help="only build the report from existing runs")
     p.add_argument("--allow-missing", action="store_true",
                    help="--collect-only: report even when some requested runs have not finished (named as a warning)")
+    p.add_argument("--margin", type=float, default=EQUIVALENCE_MARGIN,
+                   help="equivalence margin in points: a difference whose 95%% interval lies inside +-margin reads "
+                        "'equal within margin' (default %(default)s)")
     args = p.parse_args(argv)
     try:
         runs = plan(args.config_dir, args.configs or args.groups, args.seeds, args.overrides, args.runs_dir)
@@ -131,12 +151,15 @@ def main(argv=None) -> int:
         print(f"error: requested runs have not finished: {', '.join(missing)}; train them (run without "
               "--collect-only) or pass --allow-missing to report without them", file=sys.stderr)
         return 2
-    text = build_report(family_dir, missing)
+    text = build_report(family_dir, missing, args.margin)
     if text is None:
         print(f"no finished runs in {family_dir} yet", file=sys.stderr)
         return 1
     print(text)
-    print(f"wrote {family_dir}/comparison.md, comparison.csv, comparison.png")
+    hparams = study_hparams(runs)
+    if hparams:
+        write_study_experiment(family_dir, hparams)
+    print(f"wrote {family_dir}/comparison.md, comparison.csv, comparison.png and the HParams experiment")
     print(f"compare the runs in TensorBoard: tensorboard --logdir {family_dir}")
     return 0
 

@@ -23,9 +23,9 @@ import statistics
 from alexnet.spec import groups_label
 
 try:
-    from scripts.study_stats import difference, verdict
+    from scripts.study_stats import EQUIVALENCE_MARGIN, difference, verdict
 except ImportError:  # run as a file: scripts/ is on sys.path
-    from study_stats import difference, verdict
+    from study_stats import EQUIVALENCE_MARGIN, difference, verdict
 
 RUN_NAME = re.compile(r"^(.+)-s(\d+)$")
 BASELINE = "g1"
@@ -162,7 +162,7 @@ def settings_line(info: dict, family: str) -> str:
     labels = (("dataset", "data"), ("epochs", "epochs"), ("batch_size", "batch"), ("lr", "lr"),
               ("data_limit", "data.limit"), ("train_samples", "train images"), ("val_samples", "val images"),
               ("seeds", "seeds"), ("precision", "precision"), ("placement", "placement"), ("torch", "torch"),
-              ("commit", "commit"))
+              ("commit", "commit"), ("margin", "equivalence margin +-"))
     for key, label in labels:
         if key in info and info[key] not in (None, ""):
             parts.append(f"{label} {info[key]}")
@@ -185,7 +185,7 @@ def warnings(table: list[dict], missing: list[str]) -> list[str]:
     return out
 
 
-def statement(table: list[dict]) -> str:
+def statement(table: list[dict], margin: float = EQUIVALENCE_MARGIN) -> str:
     """What the data shows about G = 2 against G = 1, computed, never canned."""
     by_name = {r["config"]: r for r in table}
     if BASELINE not in by_name or "g2" not in by_name:
@@ -194,10 +194,10 @@ def statement(table: list[dict]) -> str:
     drop = 100.0 * (1 - g2["macs"] / g1["macs"])
     return (f"Final val top-1 error: G = 1 {_pm(g1['final_top1_mean'], g1['final_top1_std'])}% (n = {g1['seeds']}), "
             f"G = 2 {_pm(g2['final_top1_mean'], g2['final_top1_std'])}% (n = {g2['seeds']}); "
-            f"{verdict(g2['diff'])}; multiply-accumulates drop by {drop:.1f}% ({g1['macs']:,} -> {g2['macs']:,}).")
+            f"{verdict(g2['diff'], margin=margin)}; multiply-accumulates drop by {drop:.1f}% ({g1['macs']:,} -> {g2['macs']:,}).")
 
 
-def other_statements(table: list[dict]) -> list[str]:
+def other_statements(table: list[dict], margin: float = EQUIVALENCE_MARGIN) -> list[str]:
     """The same computed sentence for every config beyond g1/g2 (g4_shuffle, root, ...) against G = 1."""
     by_name = {r["config"]: r for r in table}
     if BASELINE not in by_name:
@@ -209,11 +209,12 @@ def other_statements(table: list[dict]) -> list[str]:
             continue
         change = 100.0 * (r["macs"] / g1["macs"] - 1)
         # against every plain G, and against every other config of the same cost (same MACs)
-        against = [verdict(difference(other["finals"], r["finals"]), what=r["config"], than=other["config"])
+        against = [verdict(difference(other["finals"], r["finals"]), what=r["config"], than=other["config"],
+                           margin=margin)
                    for other in table if other["config"] not in (BASELINE, r["config"])
                    and (re.fullmatch(r"g\d+", other["config"]) or other["macs"] == r["macs"])]
         out.append(f"{r['config']} (G = {r['groups']}; {r['exchanges']}): "
-                   f"{verdict(r['diff'], what=r['config'], than='G = 1')}; multiply-accumulates "
+                   f"{verdict(r['diff'], what=r['config'], than='G = 1', margin=margin)}; multiply-accumulates "
                    f"{'+' if change >= 0 else ''}{change:.1f}%, cross-group traffic {r['cross_group_mb_per_step']:.2f} "
                    "MB/step." + (f" Pairwise: {'; '.join(against)}." if against else ""))
     return out
@@ -246,8 +247,10 @@ def _ci(r: dict) -> str:
     return f"{r['diff_top1_vs_g1']:+.2f} [{r['diff_ci_low']:+.2f}, {r['diff_ci_high']:+.2f}]"
 
 
-def markdown(table: list[dict], family: str, info: dict | None = None, missing: list[str] = ()) -> str:
-    lines = [f"# Group-count comparison: {family}", "", settings_line(info or {}, family), "",
+def markdown(table: list[dict], family: str, info: dict | None = None, missing: list[str] = (),
+             margin: float = EQUIVALENCE_MARGIN) -> str:
+    lines = [f"# Group-count comparison: {family}", "", settings_line({**(info or {}), "margin": f"{margin:g} points"},
+                                                                       family), "",
              "| config | G | params | MACs | MACs vs G=1 | final top-1 err % | Δ top-1 vs G=1 (95% CI) | "
              "final top-5 err % | best top-1 err % | n | conv1 corr within / between | images/s | "
              "cross-group MB/step |",
@@ -270,8 +273,8 @@ def markdown(table: list[dict], family: str, info: dict | None = None, missing: 
               "| G | top-1 err % | top-5 err % | params | MACs |", "|---|---|---|---|---|"]
     for r in IMAGENET_REFERENCE:
         lines.append(f"| {r['groups']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['params']:,} | {r['macs']:,} |")
-    lines += ["", statement(table), ""]
-    for sentence in other_statements(table):
+    lines += ["", statement(table, margin), ""]
+    for sentence in other_statements(table, margin):
         lines += [sentence, ""]
     exchanges = sorted({(r["config"], r["exchanges"]) for r in table if r["exchanges"] != exchanges_default()})
     if exchanges:
@@ -352,10 +355,11 @@ def plot(runs: dict[str, list[dict]], table: list[dict], path: str, family: str,
     plt.close(fig)
 
 
-def build_report(family_dir: str, missing: list[str] = ()) -> str | None:
+def build_report(family_dir: str, missing: list[str] = (), margin: float = EQUIVALENCE_MARGIN) -> str | None:
     """Write comparison.md/.csv/.png into ``family_dir``; return the markdown (None without runs).
 
-    ``missing`` names requested runs that have not finished (said in the report's warnings).
+    ``missing`` names requested runs that have not finished (said in the report's warnings);
+    ``margin``: differences whose 95% interval lies inside +-margin points read "equal within".
     """
     runs = collect(family_dir)
     if not runs:
@@ -363,7 +367,7 @@ def build_report(family_dir: str, missing: list[str] = ()) -> str | None:
     table = rows(runs)
     family = os.path.basename(os.path.normpath(family_dir))
     info = settings(runs)
-    text = markdown(table, family, info, missing)
+    text = markdown(table, family, info, missing, margin)
     with open(os.path.join(family_dir, "comparison.md"), "w") as f:
         f.write(text)
     write_csv(table, run_rows(runs), os.path.join(family_dir, "comparison.csv"))

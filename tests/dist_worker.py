@@ -275,3 +275,35 @@ def dropout_masks(rank: int, world: int, port: int, groups: int, batch: int, wid
         masks.append(drop(shard(torch.ones(len(rows), width), placement)).parts[0])
     torch.save({"rows": rows, "cols": cols, "masks": masks}, f"{out}.{rank}")
     dist.destroy_process_group()
+
+
+def exchange_layouts(rank: int, world: int, port: int, out: str):
+    """channels_last maps through the all-gather and the shuffle between ranks, forward and backward,
+    and an uneven all-gather (5 channels as 3 + 2) against the full tensor: rank 0 saves what it saw."""
+    setup(rank, world, port)
+    from parallel.distributed import init_from_env
+    placement, _ = init_from_env(2, "gloo")
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(2, 8, 5, 5, generator=gen)
+    weight = torch.randn(2, 8, 5, 5, generator=gen)  # what each consumer multiplies the gathered maps by
+    mine = full[:, 4 * rank:4 * rank + 4].contiguous(memory_format=torch.channels_last).requires_grad_()
+    (gathered,) = placement.gather([mine], 1, "g", (4, 4))
+    (gathered * weight * (rank + 1)).sum().backward()
+    shuffle_in = mine.detach().clone().requires_grad_()
+    (shuffled,) = placement.shuffle([shuffle_in], "s", 2)
+    shuffled.backward(torch.ones_like(shuffled).contiguous(memory_format=torch.channels_last))
+    uneven_full = torch.randn(2, 5, generator=gen)
+    part = uneven_full[:, :3] if rank == 0 else uneven_full[:, 3:]
+    part = part.clone().requires_grad_()
+    (uneven,) = placement.gather([part], 1, "u", (3, 2))
+    (uneven * (rank + 1)).sum().backward()
+    got = {"gathered_cl": gathered.is_contiguous(memory_format=torch.channels_last),
+           "grad_cl": mine.grad.is_contiguous(memory_format=torch.channels_last),
+           "shuffled_cl": shuffled.is_contiguous(memory_format=torch.channels_last),
+           "shuffle_grad_cl": shuffle_in.grad.is_contiguous(memory_format=torch.channels_last),
+           "gathered": gathered.detach(), "grad": mine.grad, "full": full, "weight": weight,
+           "uneven": uneven.detach(), "uneven_full": uneven_full, "uneven_grad": part.grad,
+           "counted": placement.counter.snapshot()}
+    if rank == 0:
+        torch.save(got, out)
+    dist.destroy_process_group()

@@ -243,3 +243,38 @@ def test_torchrun_hybrid_trains_and_resumes_to_the_same_metrics(root, tmp_path):
                            text=True, cwd=root, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert final_metrics(tmp_path / "resumed") == final_metrics(tmp_path / "straight")
+
+
+def test_exchanges_between_ranks_keep_channels_last_and_reduce_scatter_uneven_shares(tmp_path):
+    """The collectives NCCL runs (all_gather_into_tensor, reduce_scatter_tensor) driven on gloo: NHWC maps
+    stay NHWC through the all-gather and the shuffle, both ways; uneven shares gather and sum exactly."""
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(dist_worker.exchange_layouts, args=(2, free_port(), out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    assert got["gathered_cl"] and got["grad_cl"] and got["shuffled_cl"] and got["shuffle_grad_cl"]
+    assert torch.equal(got["gathered"], got["full"])
+    # rank r's consumer computed sum((r + 1) * weight * maps): rank 0's maps get (1 + 2) * weight
+    torch.testing.assert_close(got["grad"], 3 * got["weight"][:, :4])
+    assert torch.equal(got["uneven"], got["uneven_full"])
+    assert torch.equal(got["uneven_grad"], torch.full((2, 3), 3.0))
+    # 2 groups of 3 and 2 of 5 fp32 features x 2 rows: each receives the other's share
+    assert got["counted"]["u/fwd"] == (2 * 2 + 2 * 3) * 4 and got["counted"]["u/bwd"] == got["counted"]["u/fwd"]
+
+
+def test_one_gpu_per_task_is_used_whatever_the_local_rank(monkeypatch, capsys):
+    """A cluster that shows each task one GPU (CUDA_VISIBLE_DEVICES per rank): LOCAL_RANK 3 with one GPU
+    visible runs on cuda:0 and says so, instead of being refused. CUDA and the process group are mocked."""
+    import torch.distributed as dist
+    from parallel import distributed
+    chosen = []
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setattr(distributed, "pick_backend", lambda requested: "nccl")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "new_group", lambda backend: "control")
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    device, _, rank, control = distributed.init_process_group_from_env("nccl")
+    assert device == torch.device("cuda", 0) and chosen == [device] and rank == 3 and control == "control"
+    assert "LOCAL_RANK 3 but 1 GPU(s) visible; using cuda:0" in capsys.readouterr().out

@@ -128,11 +128,15 @@ def test_smoke_run_events_hold_hparams_and_filter_images(tmp_path):
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["groups"].string_value == "2" and start.hparams["seed"].string_value == "0"
     assert start.hparams["exchanges"].string_value == "conv3 all, fc6 all, fc7 all, fc8 all"
-    assert {"macs", "epochs", "lr", "batch_size", "data_limit", "images_per_s"} <= set(start.hparams)
+    assert {"macs", "epochs", "lr", "batch_size", "data_limit"} <= set(start.hparams)
+    assert start.hparams["batch_size"].string_value == "32" and start.hparams["epochs"].string_value == "2"
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    groups_info = next(h for h in experiment.hparam_infos if h.name == "groups")
-    assert [v.string_value for v in groups_info.domain_discrete.values] == ["1", "2", "3", "4"]
-    assert {m.name.tag for m in experiment.metric_infos} >= {"epoch/val_top1_err", "epoch/val_top5_err"}
+    infos = {h.name: h for h in experiment.hparam_infos}
+    assert [v.string_value for v in infos["groups"].domain_discrete.values] == ["2"]
+    assert {h.name for h in experiment.hparam_infos if h.differs} == {"groups", "exchanges", "seed", "params", "macs"}
+    assert [m.name.tag for m in experiment.metric_infos] == ["epoch/val_top1_err", "epoch/val_top5_err",
+                                                             "epoch/train_loss", "epoch/images_per_s",
+                                                             "epoch/cross_group_mb_per_step"]
     scalars = set(events.Tags()["scalars"])
     assert "epoch/val_top1_err" in scalars and "train/loss" in scalars
     assert not {"epoch/groups", "epoch/data_replicas", "epoch/step"} & scalars  # constants stay out
@@ -182,6 +186,31 @@ def test_confidence_intervals_paired_and_welch():
     # one run per side: no interval, never a finding
     one = difference({0: 10.0}, {0: 9.0})
     assert math.isnan(one["low"]) and "inconclusive" in verdict(one)
+
+
+def test_verdict_tells_equal_within_a_margin_from_inconclusive_and_from_a_difference():
+    from scripts.study_stats import difference, verdict
+    base = {s: 12.0 + 0.1 * s for s in range(5)}
+    # the measured case: -0.01 points, 95% CI about [-0.20, +0.18]: equal within 0.5 points
+    narrow = difference(base, {0: 11.90, 1: 12.15, 2: 12.12, 3: 12.35, 4: 12.33})
+    assert -0.5 < narrow["low"] < 0 < narrow["high"] < 0.5
+    said = verdict(narrow)
+    half = (narrow["high"] - narrow["low"]) / 2
+    assert "equal within 0.5 points" in said and f"half-width is {half:.2f}" in said and "inconclusive" not in said
+    assert "inconclusive" in verdict(narrow, margin=0.1)  # the margin is a setting
+    wide = difference(base, {0: 11.5, 1: 12.9, 2: 11.8, 3: 12.9, 4: 12.4})  # interval about +-0.8
+    assert wide["low"] < -0.5 and "inconclusive, the interval includes 0 and reaches beyond +-0.5" in verdict(wide)
+    higher = difference(base, {s: v + 1.0 + 0.01 * s for s, v in base.items()})
+    assert higher["low"] > 0 and "points higher than G = 1" in verdict(higher)
+
+
+def test_report_header_states_the_margin(tmp_path):
+    fam = tmp_path / "fam"
+    for seed in range(3):
+        fake_run(fam, 1, seed, [(12.0, 1.0), (11.0 + 0.1 * seed, 1.0)], macs=100)
+        fake_run(fam, 2, seed, [(12.0, 1.0), (11.0 + 0.1 * seed + (0.05, -0.12, 0.05)[seed], 1.0)], macs=60)
+    text = build_report(str(fam), margin=0.4)  # differences +0.05, -0.12, +0.05: 95% CI about +-0.24
+    assert "equivalence margin +- 0.4 points" in text and "equal within 0.4 points" in text
 
 
 def test_within_between_correlation_on_made_up_filters():

@@ -113,12 +113,13 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
     run_start = time.perf_counter()
     stopped = False
 
-    def checkpoint(epochs_done: int, epoch_step: int = 0, partial: dict | None = None, weights=None,
+    def checkpoint(epochs_done: int, epoch_step: int = 0, partial: dict | None = None, weights="assemble",
                    record: dict | None = None) -> None:
         # Every rank takes part (shards are gathered); only the main process writes.
         state = {"format": ckpt_io.FORMAT, "config": cfg, "epoch": epochs_done, "step": step,
                  "epoch_step": epoch_step, "partial": partial, "record": record or last_record,
-                 "model": weights if weights is not None else ckpt_io.model_state(model),
+                 # (None on ranks other than 0, which assemble nothing and write nothing)
+                 "model": ckpt_io.model_state(model) if isinstance(weights, str) else weights,
                  "optimizer": ckpt_io.optimizer_state(model, optimizer),
                  "schedule": schedule.state_dict(), "wall_s": wall_before + time.perf_counter() - run_start}
         if runtime.is_main:
@@ -167,10 +168,11 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
                   "groups": spec.groups}
         # The checkpoint first, holding the epoch's record: metrics.jsonl never lists an epoch that no
         # checkpoint holds, and a crash between the two is repaired on resume (RunLog).
-        weights = ckpt_io.model_state(model)
-        # the seed's claim, tested every epoch: are conv1 filters of one group more alike than across groups?
-        record["conv1_corr_within"], record["conv1_corr_between"] = within_between_correlation(
-            weights, spec.layer_groups["conv1"])
+        weights = ckpt_io.model_state(model)  # on rank 0 only, which writes the checkpoint and the metrics
+        if weights is not None:
+            # the seed's claim, tested every epoch: are conv1 filters of one group more alike than across groups?
+            record["conv1_corr_within"], record["conv1_corr_between"] = within_between_correlation(
+                weights, spec.layer_groups["conv1"])
         checkpoint(epoch + 1, weights=weights, record=record)
         last_record = record  # what a mid-epoch checkpoint of the next epoch carries
         if runtime.is_main and record["val_top1_err"] <= best_val:

@@ -100,19 +100,23 @@ class GroupAlexNet(nn.Module):
             return (info.out_channels, cin, info.kernel, info.kernel)
         return (info.out_channels, info.in_channels // G, 1) if info.grouped else (info.out_channels, info.in_channels)
 
-    def to_reference(self, value_of=None) -> dict[str, torch.Tensor]:
+    def to_reference(self, value_of=None, everywhere: bool = True) -> dict[str, torch.Tensor] | None:
         """The reference state_dict assembled from every group's shard (on CPU).
 
         ``value_of(param)`` substitutes a per-parameter tensor of the same shape (e.g. an
         optimizer's momentum buffer), so optimizer state maps exactly like the weights.
+        ``everywhere=False`` (checkpoints): only global rank 0 assembles it; others get None.
         """
-        out = {}
-        for name, layer in self.weight_layers.items():
-            wkey, bkey = self._reference_keys(name)
-            full = layer.to_full(value_of)
+        out, received = {}, True
+        for name, layer in self.weight_layers.items():  # every layer, also on ranks that receive nothing:
+            wkey, bkey = self._reference_keys(name)     # each one is a collective
+            full = layer.to_full(value_of, everywhere)
+            if full["weight"] is None:
+                received = False
+                continue
             out[wkey] = full["weight"].reshape(self._reference_weight_shape(name))
             out[bkey] = full["bias"]
-        return out
+        return out if received else None
 
     def from_reference(self, state: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
         """Each local parameter's slice of a reference state_dict, on the parameter's device."""

@@ -115,9 +115,14 @@ class DistributedPlacement:
             return shuffle_to_devices([shard], [self.device], groups)
         return [all_to_all_shuffle(shard, self.group_pg, self.num_slots, groups, self.counter)]
 
-    def assemble_rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Every slot's rows (dim 0) stacked in slot order, on CPU, on every rank of the group."""
+    def assemble_rows(self, parts: list[torch.Tensor], everywhere: bool = True) -> torch.Tensor | None:
+        """Every slot's rows (dim 0) stacked in slot order, on CPU: on every rank of the group, or
+        (``everywhere=False``, for checkpoints) on the first replica's first rank only, which is
+        global rank 0; every other rank gets None and holds no full copy (the other replicas, whose
+        shards are the same, do not even communicate)."""
         (part,) = parts
+        if not everywhere and self.mesh is not None and self.mesh.get_local_rank("data") != 0:
+            return None
         rows = [0] * self.num_slots
         rows[self.group_index] = part.shape[0]
         counts = torch.tensor(rows, device=self.device)
@@ -125,8 +130,14 @@ class DistributedPlacement:
         counts = counts.tolist()
         padded = torch.zeros(max(counts), *part.shape[1:], dtype=part.dtype, device=self.device)
         padded[:part.shape[0]] = part.to(self.device)
-        pieces = [torch.empty_like(padded) for _ in range(self.num_slots)]
-        dist.all_gather(pieces, padded, group=self.group_pg)
+        if everywhere:
+            pieces = [torch.empty_like(padded) for _ in range(self.num_slots)]
+            dist.all_gather(pieces, padded, group=self.group_pg)
+        else:
+            pieces = [torch.empty_like(padded) for _ in range(self.num_slots)] if self.group_index == 0 else None
+            dist.gather(padded, pieces, dst=dist.get_global_rank(self.group_pg, 0), group=self.group_pg)
+            if pieces is None:
+                return None
         return torch.cat([p[:n] for p, n in zip(pieces, counts)]).cpu()
 
     def describe(self) -> str:

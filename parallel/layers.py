@@ -143,17 +143,18 @@ class _GroupSharded(ShardedModule):
                 if bias is not None:
                     self.biases[i].copy_(bias[lo:hi])
 
-    def to_full(self, value_of=None) -> dict[str, torch.Tensor]:
+    def to_full(self, value_of=None, everywhere: bool = True) -> dict[str, torch.Tensor]:
         """The single-device twin's parameters (CPU): every group's rows stacked in group order.
 
         ``value_of(param)`` substitutes a tensor of the parameter's shape (e.g. its gradient or
         an optimizer's momentum buffer), which then maps exactly like the weights. A collective
-        under the distributed placement: every rank of the group must call it.
+        under the distributed placement: every rank of the group must call it; with
+        ``everywhere=False`` only global rank 0 receives the tensors (the others get None values).
         """
         value_of = value_of or (lambda p: p.detach())
-        out = {"weight": self.placement.assemble_rows([value_of(w) for w in self.weights])}
+        out = {"weight": self.placement.assemble_rows([value_of(w) for w in self.weights], everywhere)}
         if len(self.biases):
-            out["bias"] = self.placement.assemble_rows([value_of(b) for b in self.biases])
+            out["bias"] = self.placement.assemble_rows([value_of(b) for b in self.biases], everywhere)
         return out
 
     def slices_of(self, full: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:

@@ -173,8 +173,9 @@ class LocalPlacement:
         self.counter.record(name, nbytes, nbytes)
         return shuffle_to_devices(shards, [s.device for s in self.slots], groups)
 
-    def assemble_rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Stack every slot's rows (dim 0) in group order into the full tensor, on CPU."""
+    def assemble_rows(self, parts: list[torch.Tensor], everywhere: bool = True) -> torch.Tensor:
+        """Stack every slot's rows (dim 0) in group order into the full tensor, on CPU (one process:
+        ``everywhere`` changes nothing)."""
         return torch.cat([p.cpu() for p in parts], dim=0)
 
     def describe(self) -> str:

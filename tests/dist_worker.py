@@ -307,3 +307,16 @@ def exchange_layouts(rank: int, world: int, port: int, out: str):
     if rank == 0:
         torch.save(got, out)
     dist.destroy_process_group()
+
+
+def checkpoint_gather(rank: int, world: int, port: int, groups: int, out: str):
+    """Checkpoint state under world / groups replicas: rank 0 alone assembles the reference weights and
+    momentum; every rank saves what it got (rank r to out.r)."""
+    setup(rank, world, port)
+    from alexnet import checkpoint as ckpt_io
+    from conftest import tiny_spec
+    _, _, model = alexnet_on_this_rank(tiny_spec(groups))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"weights": ckpt_io.model_state(model), "optimizer": ckpt_io.optimizer_state(model, optimizer),
+                "everywhere": model.to_reference()}, f"{out}.{rank}")
+    dist.destroy_process_group()

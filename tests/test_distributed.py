@@ -278,3 +278,17 @@ def test_one_gpu_per_task_is_used_whatever_the_local_rank(monkeypatch, capsys):
     device, _, rank, control = distributed.init_process_group_from_env("nccl")
     assert device == torch.device("cuda", 0) and chosen == [device] and rank == 3 and control == "control"
     assert "LOCAL_RANK 3 but 1 GPU(s) visible; using cuda:0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("world, groups", [(2, 2), (4, 2)])
+def test_checkpoint_state_is_assembled_on_rank_zero_only(tmp_path, world, groups):
+    out = str(tmp_path / "state")
+    mp.spawn(dist_worker.checkpoint_gather, args=(world, free_port(), groups, out), nprocs=world, join=True)
+    got = [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+    expected = init_reference_state(tiny_spec(groups), 0)
+    assert set(got[0]["weights"]) == set(expected)
+    assert all(torch.equal(got[0]["weights"][k], v) for k, v in expected.items())
+    assert all(torch.equal(got[0]["optimizer"]["momentum"][k], torch.zeros_like(v)) for k, v in expected.items())
+    for r in range(1, world):  # no full copy anywhere else
+        assert got[r]["weights"] is None and got[r]["optimizer"] is None, r
+        assert all(torch.equal(got[r]["everywhere"][k], v) for k, v in expected.items())  # the collective default

@@ -82,6 +82,31 @@ class StopFlag:
         signal.signal(signal.SIGINT, handler)
 
 
+class FaultTrigger:
+    """Test-only: ``FILTER_GROUPS_FAULT=SIGNAL@STEPS[@RANK]`` makes this process send itself SIGNAL
+    (SIGTERM, SIGINT, SIGKILL) after it has trained STEPS steps, on every rank or on RANK only, in
+    torchrun's first round only: the fault tests' deterministic stand-in for a cluster's pre-emption,
+    a Ctrl-C or a crash (no sleeps, no race with the work after an epoch)."""
+
+    def __init__(self, spec: str | None):
+        self.signal, self.steps, self.rank = None, 0, None
+        if spec:
+            name, steps, *rank = spec.split("@")
+            self.signal, self.steps = signal.Signals[name], int(steps)
+            self.rank = int(rank[0]) if rank else None
+        self.seen = 0
+
+    def armed(self) -> bool:
+        mine = self.rank is None or self.rank == int(os.environ.get("RANK", "0"))
+        return self.signal is not None and mine and not restarted_by_torchrun()
+
+    def tick(self) -> None:
+        """Called once per training step."""
+        self.seen += 1
+        if self.seen == self.steps and self.armed():
+            os.kill(os.getpid(), self.signal)
+
+
 def run_evaluate(args) -> dict:
     from alexnet import checkpoint as ckpt_io
     from alexnet.build import data_from_config
@@ -115,10 +140,13 @@ def main(argv=None) -> int:
         cfg = load(args.config, args.overrides)
         stop = StopFlag()
         stop.install()
+        fault = FaultTrigger(os.environ.get("FILTER_GROUPS_FAULT"))
         resume = args.resume
         if resume is None and restarted_by_torchrun() and os.path.isfile(latest_checkpoint(cfg)):
             resume = latest_checkpoint(cfg)  # torchrun --max-restarts: continue where the last attempt stopped
-        summary = fit(cfg, resume=resume, should_stop=stop)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming {resume}", flush=True)
+        summary = fit(cfg, resume=resume, should_stop=lambda: (fault.tick(), stop())[1])
         if summary.get("stopped"):
             by = "Ctrl-C" if stop.signal == signal.SIGINT else "SIGTERM"
             print(f"stopped by {by} after a checkpoint; resume with --resume ({latest_checkpoint(cfg)})",

@@ -1,11 +1,9 @@
 """One process per group (gloo on CPU) computes what the one-process placement and the reference compute."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -112,18 +110,6 @@ def final_metrics(run_dir):
             for m in lines]
 
 
-def wait_for_epoch(run_dir, epoch, proc, timeout=120):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.communicate()}")
-        if os.path.exists(path) and sum(1 for _ in open(path)) >= epoch:
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for an epoch")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,15 +136,23 @@ def test_torchrun_run_logs_like_one_process(root, tmp_path, uninterrupted):
     assert (dist_summary["params"], dist_summary["macs"]) == (one_summary["params"], one_summary["macs"])
 
 
+def fault_env(spec: str) -> dict:
+    """train.py's test-only trigger (FaultTrigger): the signal arrives at a given step, no sleeps."""
+    return dict(os.environ, FILTER_GROUPS_FAULT=spec)
+
+
+#: 96 steps per epoch (3072 samples, batch 32): the fault at step 140 falls in epoch 2, and every rank
+#: stops after the step that reads the vote, 141: 45 steps into epoch 2
+FAULT_STEP, STOPPED_AT = 140, 45
+
+
 def test_sigterm_checkpoints_mid_epoch_and_resume_matches(root, tmp_path, uninterrupted):
-    proc = subprocess.Popen(torchrun(root, tmp_path), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_epoch(tmp_path, 1, proc)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)  # what a cluster does to the job on pre-emption
-    out, err = proc.communicate(timeout=120)
+    proc = subprocess.run(torchrun(root, tmp_path), cwd=root, capture_output=True, text=True, timeout=300,
+                          env=fault_env(f"SIGTERM@{FAULT_STEP}"))
     assert proc.returncode != 0
+    assert proc.stderr.count("exitcode  : 143") + proc.stderr.count("exitcode: 143") >= 1, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["epoch_step"] > 0, "SIGTERM should checkpoint mid-epoch"
+    assert (ckpt["epoch"], ckpt["epoch_step"]) == (1, STOPPED_AT), "SIGTERM should checkpoint mid-epoch"
     resumed = subprocess.run(torchrun(root, tmp_path, extra=["--resume"]), capture_output=True, text=True, cwd=root,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -172,16 +166,11 @@ def test_sigkill_restart_finishes_like_uninterrupted(root, tmp_path, uninterrupt
     restart store), so no restarted rank reads a dead peer's address; a short collective
     timeout still lets a stalled start fail fast and be retried by the next restart.
     """
-    proc = subprocess.Popen(torchrun(root, tmp_path, torchrun_args=["--max-restarts", "2"],
-                                     extra=["--set", "parallel.timeout_s=30"]), cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_epoch(tmp_path, 1, proc)
-    time.sleep(0.3)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert workers, "no worker processes found"
-    os.kill(int(workers[-1]), signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    proc = subprocess.run(torchrun(root, tmp_path, torchrun_args=["--max-restarts", "2"],
+                                   extra=["--set", "parallel.timeout_s=30"]), cwd=root, capture_output=True,
+                          text=True, timeout=300, env=fault_env(f"SIGKILL@{FAULT_STEP}@1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torchrun restart 1: resuming" in proc.stdout  # the restart happened, from the epoch-1 checkpoint
     assert final_metrics(tmp_path) == final_metrics(uninterrupted)
 
 
@@ -233,12 +222,11 @@ def test_torchrun_hybrid_trains_and_resumes_to_the_same_metrics(root, tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
     summary = json.load(open(tmp_path / "straight" / "summary.json"))
     assert summary["data_replicas"] == 2 and summary["placement"].startswith("hybrid: convs data-parallel over 2")
-    proc = subprocess.Popen(torchrun(root, tmp_path / "resumed", extra=hybrid), cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for_epoch(tmp_path / "resumed", 1, proc)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    proc = subprocess.run(torchrun(root, tmp_path / "resumed", extra=hybrid), cwd=root, capture_output=True,
+                          text=True, timeout=300, env=fault_env(f"SIGTERM@{FAULT_STEP}"))
+    assert proc.returncode != 0 and "143" in proc.stderr, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["epoch_step"]) == (1, STOPPED_AT)
     again = subprocess.run(torchrun(root, tmp_path / "resumed", extra=hybrid + ["--resume"]), capture_output=True,
                            text=True, cwd=root, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -141,12 +141,18 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> tuple[list[torch.
 
 
 def _padded(images: list[torch.Tensor]) -> torch.Tensor:
-    """One (N, 3, Hmax, Wmax) float tensor holding every image in its top-left corner."""
+    """One (N, 3, Hmax, Wmax) float tensor holding every image in its top-left corner, its last row
+    and column repeated into the padding: a crop's bilinear samples past the last pixel centre then
+    read the edge, as they do for the image alone (zeros would darken crops that touch the right or
+    bottom edge of a smaller image in the batch)."""
     h = max(im.shape[1] for im in images)
     w = max(im.shape[2] for im in images)
     out = torch.zeros(len(images), 3, h, w, dtype=torch.float32, device=images[0].device)
     for j, im in enumerate(images):
-        out[j, :, :im.shape[1], :im.shape[2]] = im
+        ih, iw = im.shape[1], im.shape[2]
+        out[j, :, :ih, :iw] = im
+        out[j, :, ih:, :iw] = out[j, :, ih - 1:ih, :iw]
+        out[j, :, :, iw:] = out[j, :, :, iw - 1:iw]
     return out
 
 

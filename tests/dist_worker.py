@@ -176,6 +176,13 @@ def replicas_uneven(rank: int, world: int, port: int, groups: int, batch: int, o
     dist.destroy_process_group()
 
 
+def finish():
+    """Every rank done with every collective before any rank tears its process group down (a rank that
+    leaves while a peer's last send is still in flight can abort the peer)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def example_network(name: str, placement):
     """A seeded example network (float64) for ``placement``: the twin's initial weights by construction."""
     import sys
@@ -217,7 +224,7 @@ def example_equivalence(rank: int, world: int, port: int, name: str, groups: int
     got = example_step(example_network(name, placement), name)
     if rank == 0:
         torch.save(got, out)
-    dist.destroy_process_group()
+    finish()
 
 
 def seeded_init(rank: int, world: int, port: int, groups: int, out: str):
@@ -230,7 +237,7 @@ def seeded_init(rank: int, world: int, port: int, groups: int, out: str):
     placement, _ = init_from_env(groups, "gloo")
     torch.manual_seed(0)
     torch.save(full_state_dict(readme_network(placement)), f"{out}.{rank}")
-    dist.destroy_process_group()
+    finish()
 
 
 def synced_batchnorm(rank: int, world: int, port: int, out: str):
@@ -255,7 +262,7 @@ def synced_batchnorm(rank: int, world: int, port: int, out: str):
     dist.all_gather_object(everyone, got)
     if rank == 0:
         torch.save(everyone, out)
-    dist.destroy_process_group()
+    finish()
 
 
 def dropout_masks(rank: int, world: int, port: int, groups: int, batch: int, width: int, steps: int, out: str):
@@ -274,7 +281,7 @@ def dropout_masks(rank: int, world: int, port: int, groups: int, batch: int, wid
         set_draws([drop], 7, step, int(rows[0]))
         masks.append(drop(shard(torch.ones(len(rows), width), placement)).parts[0])
     torch.save({"rows": rows, "cols": cols, "masks": masks}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    finish()
 
 
 def exchange_layouts(rank: int, world: int, port: int, out: str):
@@ -306,7 +313,7 @@ def exchange_layouts(rank: int, world: int, port: int, out: str):
            "counted": placement.counter.snapshot()}
     if rank == 0:
         torch.save(got, out)
-    dist.destroy_process_group()
+    finish()
 
 
 def checkpoint_gather(rank: int, world: int, port: int, groups: int, out: str):
@@ -319,4 +326,4 @@ def checkpoint_gather(rank: int, world: int, port: int, groups: int, out: str):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     torch.save({"weights": ckpt_io.model_state(model), "optimizer": ckpt_io.optimizer_state(model, optimizer),
                 "everywhere": model.to_reference()}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    finish()

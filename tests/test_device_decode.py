@@ -102,3 +102,46 @@ def test_odd_files_load_or_are_skipped_with_one_warning(tmp_path, capfd):
     # 9 files: grey, CMYK and PNG load on the CPU; the garbage and the truncated JPEG (PIL refuses it) are skipped
     assert x.shape == (7, 3, 227, 227) and len(y) == 7
     assert torch.isfinite(x).all()
+
+
+def noisy_images(sizes=((300, 260), (256, 331), (270, 270))):
+    """High-frequency pictures (uint8 noise, CHW): a crop one pixel off, a missing flip or missing colour
+    noise changes every value."""
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for h, w in sizes]
+
+
+def test_train_batch_applies_each_images_own_crop_flip_and_pca_noise_exactly():
+    """Per sample, against the pieces written out: crop box from u, flip where u < 0.5, V (alpha * lambda)."""
+    from data.imagefolder import EIGVAL, EIGVEC
+    images, size = noisy_images(), 64
+    u = torch.tensor([[0.1, 0.9, 0.2], [0.7, 0.3, 0.8], [0.5, 0.5, 0.4]], dtype=torch.float64)
+    alpha = torch.tensor([[0.3, -0.2, 0.1], [-0.1, 0.05, 0.2], [0.0, 0.4, -0.3]])
+    got = device_decode.train_batch(images, size, u, alpha)
+    rh, rw = device_decode.resized_sizes(images)
+    for j, image in enumerate(images):
+        top, left = int(u[j, 0] * (rh[j] - size + 1)), int(u[j, 1] * (rw[j] - size + 1))
+        crop = device_decode.crop_resize([image], torch.tensor([[top]]), torch.tensor([[left]]), size)[0]
+        if u[j, 2] < 0.5:
+            crop = crop.flip(-1)
+        crop = crop + (EIGVEC @ (alpha[j] * EIGVAL)).view(3, 1, 1)
+        torch.testing.assert_close(got[j], device_decode.normalise(crop[None])[0], rtol=1e-5, atol=1e-5)
+    # and the crop really moves with u: another top gives other pixels
+    moved = device_decode.train_batch(images[:1], size, u[:1] + torch.tensor([[0.05, 0, 0]], dtype=torch.float64),
+                                      alpha[:1])
+    assert not torch.allclose(moved[0], got[0])
+
+
+def test_ten_crops_are_the_four_corners_and_the_centre_then_their_mirrors():
+    images, size = noisy_images(), 64
+    got = device_decode.eval_batch(images, size, 10)
+    rh, rw = device_decode.resized_sizes(images)
+    for j, image in enumerate(images):
+        h, w = int(rh[j]), int(rw[j])
+        corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
+                   (round((h - size) / 2), round((w - size) / 2))]
+        for c, (top, left) in enumerate(corners):
+            crop = device_decode.crop_resize([image], torch.tensor([[top]]), torch.tensor([[left]]), size)[0]
+            expected = device_decode.normalise(crop[None])[0]
+            torch.testing.assert_close(got[j, c], expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[j, 5 + c], expected.flip(-1), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,137 @@
+"""How strong the tests are: plant known bugs one at a time, run the tests that should notice, count kills.
+
+  python scripts/kill_rate.py                 # every planted bug (about 10 minutes on 2 cores)
+  python scripts/kill_rate.py --only 3 7      # some of them, by number
+
+Each bug is a one-line edit of parallel/, alexnet/ or data/ (the line must exist exactly once,
+so a refactor that moves it makes the script say so instead of silently testing nothing).
+The edit is made in a throw-away copy of the checkout (git ls-files), the named fast tests run
+there with ``-x``, and the bug is *killed* when they fail. The script prints one line per bug
+and the kill rate; a bug that survives is a missing test.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: (what the bug is, file, the line as it is, the line with the bug, the tests that should notice)
+BUGS = [
+    ("local gather concatenates groups in reverse order", "parallel/comm.py",
+     "return tuple(torch.cat([s.to(t, non_blocking=True) for s in shards], dim=dim) for t in targets)",
+     "return tuple(torch.cat([s.to(t, non_blocking=True) for s in reversed(shards)], dim=dim) for t in targets)",
+     ["tests/test_layers.py"]),
+    ("local gather's backward drops every consumer's gradient but the first", "parallel/comm.py",
+     "total = piece if total is None else total + piece", "total = piece if total is None else total",
+     ["tests/test_layers.py"]),
+    ("channel shuffle forgets the transpose (wrong permutation)", "parallel/comm.py",
+     "y = torch.cat(received, dim=1).transpose(1, 2)  # (N, g_t, h, c, ...)",
+     "y = torch.cat(received, dim=1)  # (N, g_t, h, c, ...)", ["tests/test_topologies.py", "tests/test_library.py"]),
+    ("reduce-scatter between ranks keeps its own gradient instead of the sum", "parallel/comm.py",
+     "dist.reduce_scatter_tensor(out, send, group=pg)", "out.copy_(chunks[index])",
+     ["tests/test_library.py", "tests/test_distributed.py::test_exchanges_between_ranks_keep_channels_last_and_"
+      "reduce_scatter_uneven_shares"]),
+    ("a replica's batch slice is off by one", "data/sampler.py",
+     "start = lo + self.replica * size + min(self.replica, extra)",
+     "start = lo + self.replica * size + min(self.replica + 1, extra)",
+     ["tests/test_data.py", "tests/test_invariance.py::test_in_memory_augmentation_is_the_same_for_every_number_of_"
+      "replicas"]),
+    ("a resumed run loses the SGD momentum", "alexnet/checkpoint.py",
+     'optimizer.state[p]["momentum_buffer"] = value.clone()',
+     'optimizer.state[p]["momentum_buffer"] = torch.zeros_like(value)', ["tests/test_reliability.py"]),
+    ("the NaN guard never fires", "alexnet/engine.py",
+     "diverged |= ~torch.isfinite(loss.detach())", "diverged |= torch.isfinite(loss.detach()) & False",
+     ["tests/test_reliability.py"]),
+    ("the run-directory lock is never taken", "alexnet/rundir.py",
+     "fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass", ["tests/test_reliability.py", "tests/test_cli.py"]),
+    ("replicas' gradients are not weighted by their rows", "parallel/runtime.py",
+     "flat[:-1] *= rows  # in place on the buffer the all-reduce needs anyway", "flat[:-1] *= 1",
+     ["tests/test_topologies.py"]),
+    ("dropout ignores the replica's row offset", "parallel/dropout.py",
+     "draw[1].fill_(0 if self.global_rows else row_offset)", "draw[1].fill_(0)", ["tests/test_invariance.py"]),
+    ("synced BatchNorm keeps the biased variance as running variance", "parallel/norm.py",
+     "norm.running_var.mul_(1 - f).add_(var.detach() * n / (n - 1).clamp(min=1), alpha=f)",
+     "norm.running_var.mul_(1 - f).add_(var.detach(), alpha=f)", ["tests/test_library.py"]),
+    ("every slot keeps the first rows of the drawn weights (groups start as copies)", "parallel/layers.py",
+     "self.weights[i].copy_(weight[lo:hi].reshape(self.weights[i].shape))",
+     "self.weights[i].copy_(weight[:hi - lo].reshape(self.weights[i].shape))", ["tests/test_library.py"]),
+    ("unnamed layers share one byte-count key", "parallel/comm.py",
+     "while key in self._owners and self._owners[key] is not owner:", "while False:", ["tests/test_library.py"]),
+    ("the hybrid's fc gradients are not divided by the ranks", "parallel/hybrid.py",
+     "p.grad.div_(self.num_replicas)", "p.grad.div_(1)", ["tests/test_topologies.py"]),
+    ("the logged loss is this replica's, not the global batch's", "alexnet/engine.py",
+     "on_log(step, loss_sum / rows, lr)", "on_log(step, loss.item(), lr)",
+     ["tests/test_invariance.py::test_first_steps_equal_the_one_process_curve"]),
+    ("a replica reuses the first rows' crops and flips", "data/fashion_mnist.py",
+     "draws.append(torch.stack([top, left, flip])[:, start - lo:end - lo])",
+     "draws.append(torch.stack([top, left, flip])[:, :end - start])",
+     ["tests/test_invariance.py::test_in_memory_augmentation_is_the_same_for_every_number_of_replicas"]),
+    ("full weights assembled in reverse slot order", "parallel/placement.py",
+     "return torch.cat([p.cpu() for p in parts], dim=0)", "return torch.cat([p.cpu() for p in parts[::-1]], dim=0)",
+     ["tests/test_layers.py", "tests/test_library.py"]),
+    ("HParams no longer marks the study's hyperparameters", "alexnet/hparams.py",
+     "name=name, type=api_pb2.DATA_TYPE_STRING, differs=name in varying or len(values) > 1,",
+     "name=name, type=api_pb2.DATA_TYPE_STRING, differs=len(values) > 1,",
+     ["tests/test_study.py", "tests/test_tensorboard.py"]),
+    ("the report calls any interval around 0 'equal'", "scripts/study_stats.py",
+     'if -margin <= d["low"] and d["high"] <= margin:', "if True:", ["tests/test_study.py"]),
+    ("GPU decode forgets the PCA colour noise", "data/device_decode.py",
+     "x = x + shift.to(device, non_blocking=True)[:, :, None, None]", "x = x",
+     ["tests/test_device_decode.py"]),
+    ("GPU decode never flips", "data/device_decode.py",
+     "flip = (u[:, 2] < 0.5).to(device, non_blocking=True)", "flip = (u[:, 2] < 0.0).to(device, non_blocking=True)",
+     ["tests/test_device_decode.py"]),
+]
+
+
+def copy_checkout(dest: str) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    for name in filter(None, files):
+        src = os.path.join(ROOT, name)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, name))
+
+
+def plant(tree: str, path: str, before: str, after: str) -> None:
+    full = os.path.join(tree, path)
+    text = open(full).read()
+    if text.count(before) != 1:
+        raise SystemExit(f"error: {path} holds {text.count(before)} copies of the line to change "
+                         f"({before!r}); update scripts/kill_rate.py to the code as it is now")
+    with open(full, "w") as f:
+        f.write(text.replace(before, after))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", type=int, help="bug numbers (1-based) to plant")
+    args = p.parse_args(argv)
+    chosen = [(i, b) for i, b in enumerate(BUGS, 1) if not args.only or i in args.only]
+    killed = 0
+    for i, (what, path, before, after, tests) in chosen:
+        with tempfile.TemporaryDirectory() as tree:
+            copy_checkout(tree)
+            plant(tree, path, before, after)
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                  cwd=tree, capture_output=True, text=True,
+                                  env=dict(os.environ, PYTHONPATH=tree))  # the copy, not the installed checkout
+            dead = proc.returncode != 0
+            killed += dead
+            print(f"{i:2d}. {'killed  ' if dead else 'SURVIVED'} {what} ({path}; {time.perf_counter() - start:.0f} s)",
+                  flush=True)
+    print(f"kill rate: {killed} / {len(chosen)} ({100.0 * killed / len(chosen):.0f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

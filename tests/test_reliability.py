@@ -26,8 +26,10 @@ def metrics(run_dir):
 
 
 def test_divergence_stops_the_run_and_keeps_the_good_checkpoint(tmp_path):
-    with pytest.raises(TrainingDiverged, match="no checkpoint had been written yet"):
+    with pytest.raises(TrainingDiverged, match="no checkpoint had been written yet") as caught:
         fit(cfg(tmp_path / "fresh", "optim.lr=1e6"), quiet=True)
+    # caught at the first log step (every 4 of the epoch's 8), not only when the epoch ends
+    assert "became NaN or infinite by step 4 (lr" in str(caught.value)
     assert not (tmp_path / "fresh" / "checkpoints" / "last.pt").exists()
     good = tmp_path / "good"
     fit(cfg(good), quiet=True)

@@ -241,3 +241,36 @@ def test_conv3_input_group_share_on_made_up_weights():
     share = input_group_share({"conv3.weight": w}, 2)
     expected = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
     torch.testing.assert_close(share, expected)
+
+
+def test_report_statements_on_made_up_runs(tmp_path):
+    """The report's own sentences, each computed from the runs: header fields, the not-converged warning,
+    the conv1 correlation verdict, and the pairwise statement between configs of equal MACs."""
+    fam = tmp_path / "fam"
+    settings = {"dataset": "fashion_mnist", "epochs": 2, "batch_size": 128, "lr": 0.05, "commit": "abc1234",
+                "torch": "2.14.1"}
+
+    def run(name, seed, errors, macs, within, between, groups):
+        run_dir = fam / f"{name}-s{seed}"
+        run_dir.mkdir(parents=True)
+        with open(run_dir / "metrics.jsonl", "w") as f:
+            for epoch, top1 in enumerate(errors, 1):
+                f.write(json.dumps({"epoch": epoch, "val_top1_err": top1, "val_top5_err": 1.0, "images_per_s": 100.0,
+                                    "cross_group_mb_per_step": 1.0, "conv1_corr_within": within,
+                                    "conv1_corr_between": between}) + "\n")
+        json.dump({"groups": groups, "params": 10, "macs": macs, "settings": settings}, open(run_dir / "summary.json", "w"))
+    for seed in range(3):
+        run("g1", seed, [20.0, 12.0 + 0.1 * seed], 1000, 0.2, float("nan"), 1)   # still fell 8 points: not converged
+        run("g4", seed, [13.0, 12.5 + 0.1 * seed], 500, 0.2, 0.1, 4)
+        run("g4_own", seed, [13.0, 13.5 + 0.2 * seed], 300, 0.2, 0.1, 4)
+        run("g4_shuffle", seed, [13.0, 12.5 + (0.0, 0.1, 0.05)[seed]], 300, 0.2, 0.1, 4)
+    text = build_report(str(fam))
+    header = text.splitlines()[2]
+    for field in ("data fashion_mnist", "epochs 2", "batch 128", "lr 0.05", "seeds [0, 1, 2]", "torch 2.14.1",
+                  "commit abc1234", "equivalence margin +- 0.5 points"):
+        assert field in header, field
+    assert "not converged: val top-1 error still fell by more than" in text and "g1 (7.9)" in text
+    assert "between-group correlation is lower in every G" in text
+    # g4_shuffle against g4_own (the same MACs): paired d = -1.0, -1.1, -1.35, interval below 0
+    assert "g4_shuffle is 1.15 points lower than g4_own (95% CI [-1.60, -0.70], paired, n = 3)" in text
+    assert "g4_own is 1.10 points higher than g4 (95% CI [+0.85, +1.35], paired, n = 3)" in text

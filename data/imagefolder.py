@@ -15,7 +15,7 @@ from torchvision import datasets, transforms
 
 from data import device_decode
 from data.errors import DataError
-from data.sampler import KeyedBatchSampler, ReplicaBatchSampler, SamplerLoader
+from data.sampler import ReplicaBatchSampler, SamplerLoader
 
 EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
@@ -59,7 +59,7 @@ class TolerantImageFolder(datasets.ImageFolder):
     """ImageFolder whose unreadable files (truncated, not an image) are skipped with one warning line each."""
 
     def __getitem__(self, item):
-        """``item``: an index, or (index, draw seed) from a KeyedBatchSampler: the random transform
+        """``item``: an index, or (index, draw seed) from a keyed ReplicaBatchSampler: the random transform
         then draws from that seed alone, whichever worker or replica loads the sample."""
         index, draw_seed = item if isinstance(item, tuple) else (item, None)
         try:
@@ -104,9 +104,8 @@ class FolderLoader(SamplerLoader):
 
     def __init__(self, dataset, batch_size: int, train: bool, seed: int, replica: int, num_replicas: int, workers: int):
         self.sampler = ReplicaBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed, replica=replica,
-                                           num_replicas=num_replicas, drop_last=train)
-        batches = KeyedBatchSampler(self.sampler) if train else self.sampler
-        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                           num_replicas=num_replicas, drop_last=train, keyed=train)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
                                                   collate_fn=collate_skipping, pin_memory=torch.cuda.is_available(),
                                                   persistent_workers=workers > 0)
         self.num_samples = len(dataset)

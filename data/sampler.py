@@ -30,11 +30,15 @@ class ReplicaBatchSampler:
     """Yields index lists: this replica's slice of each global batch."""
 
     def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int = 0,
-                 replica: int = 0, num_replicas: int = 1, drop_last: bool = False):
+                 replica: int = 0, num_replicas: int = 1, drop_last: bool = False, keyed: bool = False):
         if batch_size < num_replicas:
             raise ValueError(f"data.batch_size ({batch_size}) is smaller than the number of replicas ({num_replicas})")
         self.num_samples, self.batch_size, self.shuffle, self.seed = num_samples, batch_size, shuffle, seed
         self.replica, self.num_replicas, self.drop_last = replica, num_replicas, drop_last
+        # keyed: yield (sample index, draw seed) pairs, the seed a function of (seed, epoch, position in
+        # the epoch's order) alone, so a sample's random transform is the same whichever replica,
+        # worker or process loads it
+        self.keyed = keyed
         self.epoch = 0
         self.skip = 0
 
@@ -74,26 +78,11 @@ class ReplicaBatchSampler:
         order = self.epoch_order()
         for i in range(self.skip, len(self)):
             start, end = self.batch_positions(i)
-            yield order[start:end].tolist()
-
-
-class KeyedBatchSampler:
-    """A ReplicaBatchSampler's batches as (sample index, draw seed) pairs: the seed is a function of
-    (seed, epoch, position in the epoch's order) alone, so a sample's random transform is the same
-    whichever replica, worker or process loads it."""
-
-    def __init__(self, sampler: ReplicaBatchSampler):
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        s = self.sampler
-        order = s.epoch_order()
-        for i in range(s.skip, len(s)):
-            start, end = s.batch_positions(i)
-            yield [(int(order[p]), stream_seed(s.seed, s.epoch, SAMPLE_STREAMS + p)) for p in range(start, end)]
+            if self.keyed:
+                yield [(int(order[p]), stream_seed(self.seed, self.epoch, SAMPLE_STREAMS + p))
+                       for p in range(start, end)]
+            else:
+                yield order[start:end].tolist()
 
 
 class SamplerLoader:

@@ -73,8 +73,9 @@ class GroupDropout(nn.Module):
         self.threshold, self.scale = round(p * 2 ** 32), 1.0 / (1.0 - p)  # kept: hash >= p 2^32
         self.name = name or "dropout"
         self.key = placement.counter.claim(self.name, self)
-        # the layer's part of the hash: its display name, the same under every placement
-        self.layer_id = zlib.crc32(self.name.encode())
+        # the layer's part of the hash: its key (the name, made unique among the counter's live layers, so
+        # two unnamed dropouts never share a mask), the same under every placement
+        self.layer_id = zlib.crc32(self.key.encode())
         for i, slot in enumerate(placement.local_slots):  # (step key, row offset) on every slot's device
             self.register_buffer(f"draw_{i}", torch.zeros(2, dtype=torch.int64, device=slot.device),
                                  persistent=False)
@@ -104,8 +105,7 @@ class GroupDropout(nn.Module):
         cols = (torch.arange(c, device=part.device) + first_channel).view((1, c) + (1,) * (part.dim() - 2))
         if positions > 1:  # a map's elements: channel-major, as the reference's flatten
             cols = cols * positions + torch.arange(positions, device=part.device).view((1, 1) + tuple(part.shape[2:]))
-        keep = hash_of(rows, cols, draw[0], self.layer_id) >= self.threshold
-        return keep
+        return hash_of(rows, cols, draw[0], self.layer_id) >= self.threshold
 
     def extra_repr(self) -> str:
         return f"p={self.p}, name={self.name!r}"

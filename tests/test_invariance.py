@@ -214,3 +214,11 @@ def test_a_torchrun_run_resumed_in_one_process_draws_what_it_would_have_drawn(on
     run([sys.executable] + train_cmd(tmp_path / "run", ["parallel.devices=[cpu]", "train.epochs=2"]) + ["--resume"],
         fashion_env)
     assert_same_curve(losses(tmp_path / "run"), one_process_curve, range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
+
+
+def test_two_unnamed_dropout_layers_draw_different_masks():
+    pl = LocalPlacement(1, ["cpu"])
+    first, second = GroupDropout(pl, 0.5), GroupDropout(pl, 0.5)
+    set_draws([first, second], 7, 0)
+    x = shard(torch.ones(BATCH, WIDTH), pl)
+    assert not torch.equal(first(x).parts[0], second(x).parts[0])

@@ -189,6 +189,19 @@ def slots_for_world(world: int, groups: int) -> int:
                          f"e.g. torchrun --nproc-per-node {'/'.join(map(str, fits))}")
 
 
+def join_spawned_world(rank: int, world: int, store_path: str, backend: str = "auto", timeout_s: float = 600):
+    """Join a world of ``world`` processes started without torchrun (``mp.spawn``), meeting at a file.
+
+    The processes rendezvous through a FileStore at ``store_path`` (a path no earlier world
+    used, on a filesystem they share), so no TCP port is picked, closed and handed on (another
+    process could take it in between). Sets RANK/WORLD_SIZE/LOCAL_RANK as torchrun would, so
+    ``init_from_env`` then builds the mesh on the group this made.
+    """
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group(pick_backend(backend), init_method=f"file://{store_path}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
 def init_from_env(groups: int, backend: str = "auto", timeout_s: float = 600,
                   counter: CommCounter | None = None) -> tuple[DistributedPlacement, DistributedRuntime]:
     """Under torchrun: init the process group and the (data, group) mesh for ``groups`` groups.

@@ -190,12 +190,11 @@ def print_table(results: list[dict]) -> None:
             print(f"  G={r['groups']} {r['geometry']}: conv formulations chosen: {r['conv_formulations']}")
 
 
-def _dist_worker(rank: int, world: int, port: int, geometry: str, batch: int, steps: int, backend: str, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _dist_worker(rank: int, world: int, store: str, geometry: str, batch: int, steps: int, backend: str, out: str):
     import torch.distributed as dist
     from parallel import CommCounter
-    from parallel.distributed import init_from_env
+    from parallel.distributed import init_from_env, join_spawned_world
+    join_spawned_world(rank, world, store, backend)
     spec = spec_from_config(load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"]))
     placement, _ = init_from_env(world, backend, counter=CommCounter(timed=True))
     model = GroupAlexNet(spec, placement)

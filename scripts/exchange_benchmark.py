@@ -35,10 +35,8 @@ VARIANTS = ("all-gather", "shuffle", "hybrid")
 GEOMETRIES = {"paper": "configs/imagenet/g{G}.yaml", "fashion_mnist": "configs/fashion_mnist/g{G}.yaml"}
 
 
-def _worker(rank: int, world: int, port: int, geometry: str, batch: int, steps: int, rounds: int, backend: str,
+def _worker(rank: int, world: int, store: str, geometry: str, batch: int, steps: int, rounds: int, backend: str,
             out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     import torch.distributed as dist
 
@@ -46,11 +44,12 @@ def _worker(rank: int, world: int, port: int, geometry: str, batch: int, steps: 
     from alexnet.config import load
     from alexnet.model import GroupAlexNet
     from parallel import CommCounter
-    from parallel.distributed import DistributedPlacement, init_process_group_from_env
+    from parallel.distributed import DistributedPlacement, init_process_group_from_env, join_spawned_world
     from parallel.roles import split_over
     from parallel.hybrid import HybridRuntime, RowExchange
     from parallel.placement import LocalPlacement
     from parallel.runtime import DistributedRuntime
+    join_spawned_world(rank, world, store, backend)
     device, _, _, _ = init_process_group_from_env(backend)
     base = load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"])
     gen = torch.Generator().manual_seed(0)

@@ -1,15 +1,21 @@
 """Code run inside spawned gloo ranks by test_distributed.py (importable by the children)."""
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def setup(rank: int, world: int, port: int):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def rendezvous_file() -> str:
+    """A fresh FileStore path for one spawned world (no port to pick, so none another process can take)."""
+    return os.path.join(tempfile.mkdtemp(prefix="rdzv"), "store")
+
+
+def setup(rank: int, world: int, store: str):
+    from parallel.distributed import join_spawned_world
     torch.set_num_threads(1)
+    join_spawned_world(rank, world, store, "gloo")
 
 
 def alexnet_on_this_rank(spec):
@@ -29,9 +35,9 @@ def batch_of(n: int):
     return torch.randn(n, 1, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
 
-def equivalence(rank: int, world: int, port: int, groups: int, out: str, steps: int):
+def equivalence(rank: int, world: int, store: str, groups: int, out: str, steps: int):
     """Forward/backward one batch, then ``steps`` SGD steps; rank 0 saves what it saw."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from conftest import tiny_spec
     placement, runtime, model = alexnet_on_this_rank(tiny_spec(groups))
     x, y = batch_of(8)
@@ -61,9 +67,9 @@ def equivalence(rank: int, world: int, port: int, groups: int, out: str, steps: 
     dist.destroy_process_group()
 
 
-def uneven_chain(rank: int, world: int, port: int, out: str):
+def uneven_chain(rank: int, world: int, store: str, out: str):
     """Two chained GroupLinear over ``world`` ranks with 10 features (3, 3, 2, 2 over 4): forward and backward."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from parallel import GroupLinear, gather_output
     from parallel.distributed import init_from_env
     placement, _ = init_from_env(world, "gloo")
@@ -85,9 +91,9 @@ def uneven_chain(rank: int, world: int, port: int, out: str):
     dist.destroy_process_group()
 
 
-def resnext_equivalence(rank: int, world: int, port: int, out: str):
+def resnext_equivalence(rank: int, world: int, store: str, out: str):
     """examples/resnext.py with one group per rank: logits and every weight's gradient, gathered on rank 0."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
     import resnext
@@ -111,10 +117,10 @@ def resnext_equivalence(rank: int, world: int, port: int, out: str):
     dist.destroy_process_group()
 
 
-def topology_equivalence(rank: int, world: int, port: int, spec_kw: dict, out: str):
+def topology_equivalence(rank: int, world: int, store: str, spec_kw: dict, out: str):
     """GroupAlexNet of ``spec_kw`` (per-layer groups, shuffles) over ``world`` ranks: logits and every
     reference gradient on rank 0, plus the byte counter."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from conftest import tiny_spec
     placement, _, model = alexnet_on_this_rank(tiny_spec(**spec_kw))
     x, y = batch_of(4)
@@ -127,10 +133,10 @@ def topology_equivalence(rank: int, world: int, port: int, spec_kw: dict, out: s
     dist.destroy_process_group()
 
 
-def hybrid_equivalence(rank: int, world: int, port: int, groups: int, batch: int, out: str):
+def hybrid_equivalence(rank: int, world: int, store: str, groups: int, batch: int, out: str):
     """The hybrid placement (convs data-parallel, fc split over ranks): each rank's logits rows and
     every reference gradient after the runtime's gradient sync, on rank 0."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from alexnet.init import init_reference_state
     from alexnet.model import GroupAlexNet
     from conftest import tiny_spec
@@ -161,9 +167,9 @@ def hybrid_equivalence(rank: int, world: int, port: int, groups: int, batch: int
     dist.destroy_process_group()
 
 
-def replicas_uneven(rank: int, world: int, port: int, groups: int, batch: int, out: str):
+def replicas_uneven(rank: int, world: int, store: str, groups: int, batch: int, out: str):
     """D = world / G replicas on slices of unequal size (7 over 2): gradients synced with rows, on rank 0."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from conftest import tiny_spec
     _, runtime, model = alexnet_on_this_rank(tiny_spec(groups))
     x, y = batch_of(batch)
@@ -216,9 +222,9 @@ def example_step(net, name: str) -> dict:
     return out
 
 
-def example_equivalence(rank: int, world: int, port: int, name: str, groups: int, out: str):
+def example_equivalence(rank: int, world: int, store: str, name: str, groups: int, out: str):
     """An example network under torchrun-like ranks: rank 0 saves ``example_step``'s results."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from parallel.distributed import init_from_env
     placement, _ = init_from_env(groups, "gloo")
     got = example_step(example_network(name, placement), name)
@@ -227,10 +233,10 @@ def example_equivalence(rank: int, world: int, port: int, name: str, groups: int
     finish()
 
 
-def seeded_init(rank: int, world: int, port: int, groups: int, out: str):
+def seeded_init(rank: int, world: int, store: str, groups: int, out: str):
     """The README's API, seeded, under ``world`` ranks (world / groups replicas): every rank saves its
     full_state_dict (rank r to out.r)."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from parallel import full_state_dict
     from parallel.distributed import init_from_env
     from test_library import readme_network
@@ -240,10 +246,10 @@ def seeded_init(rank: int, world: int, port: int, groups: int, out: str):
     finish()
 
 
-def synced_batchnorm(rank: int, world: int, port: int, out: str):
+def synced_batchnorm(rank: int, world: int, store: str, out: str):
     """D = world replicas of G = 1 on unequal slices (3 and 5 rows): a conv, GroupBatchNorm2d(sync=True)
     and a loss; rank 0 saves the output rows, the synced gradients and the running statistics."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from parallel import GroupBatchNorm2d, GroupConv2d, full_state_dict
     from parallel.distributed import init_from_env
     from test_library import bn_batch
@@ -265,10 +271,10 @@ def synced_batchnorm(rank: int, world: int, port: int, out: str):
     finish()
 
 
-def dropout_masks(rank: int, world: int, port: int, groups: int, batch: int, width: int, steps: int, out: str):
+def dropout_masks(rank: int, world: int, store: str, groups: int, batch: int, width: int, steps: int, out: str):
     """GroupDropout on ones under init_from_env (world / groups replicas, each taking its rows of a
     ``batch``-row global batch): every rank saves its masks of ``steps`` steps with its rows and columns."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from parallel import shard
     from parallel.distributed import init_from_env
     from parallel.dropout import GroupDropout, set_draws
@@ -284,10 +290,10 @@ def dropout_masks(rank: int, world: int, port: int, groups: int, batch: int, wid
     finish()
 
 
-def exchange_layouts(rank: int, world: int, port: int, out: str):
+def exchange_layouts(rank: int, world: int, store: str, out: str):
     """channels_last maps through the all-gather and the shuffle between ranks, forward and backward,
     and an uneven all-gather (5 channels as 3 + 2) against the full tensor: rank 0 saves what it saw."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from parallel.distributed import init_from_env
     placement, _ = init_from_env(2, "gloo")
     gen = torch.Generator().manual_seed(3)
@@ -316,10 +322,10 @@ def exchange_layouts(rank: int, world: int, port: int, out: str):
     finish()
 
 
-def checkpoint_gather(rank: int, world: int, port: int, groups: int, out: str):
+def checkpoint_gather(rank: int, world: int, store: str, groups: int, out: str):
     """Checkpoint state under world / groups replicas: rank 0 alone assembles the reference weights and
     momentum; every rank saves what it got (rank r to out.r)."""
-    setup(rank, world, port)
+    setup(rank, world, store)
     from alexnet import checkpoint as ckpt_io
     from conftest import tiny_spec
     _, _, model = alexnet_on_this_rank(tiny_spec(groups))

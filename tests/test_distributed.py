@@ -1,7 +1,6 @@
 """One process per group (gloo on CPU) computes what the one-process placement and the reference compute."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,10 +16,9 @@ from alexnet.reference import ReferenceAlexNet
 from conftest import assert_close, tiny_spec
 from parallel import LocalPlacement
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def standalone_torchrun(nproc: int) -> list[str]:
+    """torchrun on this host; --standalone lets its store bind a port of the OS's choosing itself."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
 
 
 def local_run(groups: int, steps: int):
@@ -50,7 +48,7 @@ def local_run(groups: int, steps: int):
 def test_distributed_matches_local_and_reference(tmp_path, world, groups):
     out = str(tmp_path / "rank0.pt")
     steps = 5
-    mp.spawn(dist_worker.equivalence, args=(world, free_port(), groups, out, steps), nprocs=world, join=True)
+    mp.spawn(dist_worker.equivalence, args=(world, dist_worker.rendezvous_file(), groups, out, steps), nprocs=world, join=True)
     got = torch.load(out, weights_only=True)
     spec, ref, ref_logits, curve, final = local_run(groups, steps)
     assert_close(got["logits"], ref_logits)
@@ -74,7 +72,7 @@ def test_distributed_matches_local_and_reference(tmp_path, world, groups):
 def test_uneven_features_chain_over_four_ranks(tmp_path):
     """10 features over 4 groups (3, 3, 2, 2): gathers learn the shares, forward and backward equal dense torch."""
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(dist_worker.uneven_chain, args=(4, free_port(), out), nprocs=4, join=True)
+    mp.spawn(dist_worker.uneven_chain, args=(4, dist_worker.rendezvous_file(), out), nprocs=4, join=True)
     got = torch.load(out, weights_only=True)
     full, x = got["full"], got["x"].requires_grad_(False)
     wa = full["a"]["weight"].clone().requires_grad_(True)
@@ -96,8 +94,7 @@ TORCHRUN_SETTINGS = ["parallel.backend=gloo", "model.conv_channels=[12,24,36,36,
 
 
 def torchrun(root, run_dir, nproc=2, extra=(), torchrun_args=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), *torchrun_args, os.path.join(root, "train.py"), "--config", "configs/smoke.yaml",
+    cmd = [*standalone_torchrun(nproc), *torchrun_args, os.path.join(root, "train.py"), "--config", "configs/smoke.yaml",
            "--set", f"run.dir={run_dir}"]
     for item in TORCHRUN_SETTINGS:
         cmd += ["--set", item]
@@ -237,7 +234,7 @@ def test_exchanges_between_ranks_keep_channels_last_and_reduce_scatter_uneven_sh
     """The collectives NCCL runs (all_gather_into_tensor, reduce_scatter_tensor) driven on gloo: NHWC maps
     stay NHWC through the all-gather and the shuffle, both ways; uneven shares gather and sum exactly."""
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(dist_worker.exchange_layouts, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(dist_worker.exchange_layouts, args=(2, dist_worker.rendezvous_file(), out), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     assert got["gathered_cl"] and got["grad_cl"] and got["shuffled_cl"] and got["shuffle_grad_cl"]
     assert torch.equal(got["gathered"], got["full"])
@@ -271,7 +268,7 @@ def test_one_gpu_per_task_is_used_whatever_the_local_rank(monkeypatch, capsys):
 @pytest.mark.parametrize("world, groups", [(2, 2), (4, 2)])
 def test_checkpoint_state_is_assembled_on_rank_zero_only(tmp_path, world, groups):
     out = str(tmp_path / "state")
-    mp.spawn(dist_worker.checkpoint_gather, args=(world, free_port(), groups, out), nprocs=world, join=True)
+    mp.spawn(dist_worker.checkpoint_gather, args=(world, dist_worker.rendezvous_file(), groups, out), nprocs=world, join=True)
     got = [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
     expected = init_reference_state(tiny_spec(groups), 0)
     assert set(got[0]["weights"]) == set(expected)

@@ -58,9 +58,8 @@ def test_example_on_local_slots_equals_its_twin(name, groups, devices):
 
 @pytest.mark.parametrize("name", ["resnext", "shufflenet"])
 def test_example_on_two_gloo_ranks_equals_its_twin(tmp_path, name):
-    from test_distributed import free_port
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(dist_worker.example_equivalence, args=(2, free_port(), name, 2, out), nprocs=2, join=True)
+    mp.spawn(dist_worker.example_equivalence, args=(2, dist_worker.rendezvous_file(), name, 2, out), nprocs=2, join=True)
     assert_equals_twin(torch.load(out, weights_only=True), twin_step(name, 2))
 
 

@@ -60,8 +60,17 @@ def test_group_conv2d_replicated_input():
     ref = nn.Conv2d(3, 8, 5, stride=2)
     layer = GroupConv2d(pl, 3, 8, 5, stride=2, input_mode="replicated")
     load_rows(layer, ref.weight, ref.bias)
-    x = torch.randn(2, 3, 16, 16)
-    assert_close(cat(layer(x)), ref(x))
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    y = cat(layer(x))
+    assert_close(y, ref(x))
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref_x = x.detach().requires_grad_()
+    ref(ref_x).backward(g)
+    gw, gb = grads_by_rows(layer, ref.weight.shape)
+    assert_close(gw, ref.weight.grad)
+    assert_close(gb, ref.bias.grad)
+    assert_close(x.grad, ref_x.grad)  # the replicated input's gradient sums every group's
 
 
 @pytest.mark.parametrize("G, devices", LAYOUTS)
@@ -79,6 +88,7 @@ def test_group_linear_uneven_split_with_gathered_input(G, devices):
     ref(x).sum().backward()
     gw, gb = grads_by_rows(layer, ref.weight.shape)
     assert_close(gw, ref.weight.grad)
+    assert_close(gb, ref.bias.grad)
     assert_close(torch.cat([t.grad for t in xs.parts], 1), x.grad)
 
 
@@ -97,6 +107,7 @@ def test_group_linear_block_diagonal(G, devices):
     expected.square().sum().backward()
     gw, gb = grads_by_rows(layer, ref.weight.shape)
     assert_close(gw, ref.weight.grad)
+    assert_close(gb, ref.bias.grad)
     assert_close(torch.cat([t.grad for t in xs.parts], 1), x.grad)
 
 
@@ -237,13 +248,29 @@ def test_per_group_refuses_modules_with_state_or_shared_statistics():
 
 
 def test_placements_and_runtimes_fulfil_their_contracts():
+    """Every implementation has each contract member, methods with the contract's parameters (names
+    and order), properties as properties: a renamed argument or a method turned attribute fails."""
+    import inspect
+
     from parallel import GroupPlacement, LocalRuntime, Runtime
     from parallel.distributed import DistributedPlacement
+    from parallel.hybrid import HybridRuntime
     from parallel.runtime import DistributedRuntime
     assert isinstance(LocalPlacement(2, ["cpu", "cpu"]), GroupPlacement) and isinstance(LocalRuntime(), Runtime)
-    for contract, cls in ((GroupPlacement, DistributedPlacement), (Runtime, DistributedRuntime)):
-        members = [m for m in dir(contract) if not m.startswith("_")] + list(contract.__annotations__)
-        missing = [m for m in members if not hasattr(cls, m) and m not in ("groups", "replica", "num_replicas")]
-        assert not missing, (contract.__name__, missing)
+    implementations = {GroupPlacement: (LocalPlacement, DistributedPlacement),
+                       Runtime: (LocalRuntime, DistributedRuntime, HybridRuntime)}
+    for contract, classes in implementations.items():
+        for cls in classes:
+            for name, member in vars(contract).items():
+                if name.startswith("_"):
+                    continue
+                own = inspect.getattr_static(cls, name, None)
+                assert own is not None, (cls.__name__, name)
+                if isinstance(member, property):
+                    assert isinstance(own, property), (cls.__name__, name, "should be a property")
+                elif callable(member):
+                    want = list(inspect.signature(member).parameters)
+                    got = list(inspect.signature(own).parameters)[:len(want)]
+                    assert got == want, (cls.__name__, name, got, want)
     # a placement is not a runtime: the training loop's members live on the runtime only
     assert not hasattr(LocalPlacement(2, ["cpu"]), "sync_gradients") and not hasattr(DistributedPlacement, "barrier")

@@ -56,9 +56,8 @@ def test_seeded_network_is_the_same_on_one_and_two_slots_and_its_groups_differ()
 
 @pytest.mark.parametrize("world, groups", [(2, 2), (4, 2)])
 def test_seeded_network_is_the_same_under_torchrun_ranks_and_replicas(tmp_path, world, groups):
-    from test_distributed import free_port
     out = str(tmp_path / "state")
-    mp.spawn(dist_worker.seeded_init, args=(world, free_port(), groups, out), nprocs=world, join=True)
+    mp.spawn(dist_worker.seeded_init, args=(world, dist_worker.rendezvous_file(), groups, out), nprocs=world, join=True)
     expected = seeded_full_state(LocalPlacement(groups, ["cpu"]))
     for rank in range(world):  # every rank assembles the full weights; the replicas' are identical
         assert_same_state(torch.load(f"{out}.{rank}", weights_only=True), expected)
@@ -139,9 +138,8 @@ def bn_batch():
 
 
 def test_synced_batchnorm_over_unequal_replicas_equals_one_process_on_the_global_batch(tmp_path):
-    from test_distributed import free_port
     out = str(tmp_path / "bn.pt")
-    mp.spawn(dist_worker.synced_batchnorm, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(dist_worker.synced_batchnorm, args=(2, dist_worker.rendezvous_file(), out), nprocs=2, join=True)
     replicas = torch.load(out, weights_only=True)
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(3, 4, 3, dtype=torch.float64), nn.BatchNorm2d(4, dtype=torch.float64)

@@ -38,7 +38,26 @@ def test_readme_toy_example_runs_and_matches_grouped_reference(root, capsys):
     assert placement.counter.snapshot()["fc/fwd"] > 0 and placement.counter.by_module(layers)["3/fwd"] > 0
 
 
+def readme_commands(root) -> list[str]:
+    """The commands of the README's "Two commands" block, comments stripped."""
+    block = re.search(r"## Two commands\s*```bash\n(.*?)```", readme(root), re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+
+
 def test_ci_runs_the_readme_test_command(root):
-    assert "make test" in readme(root)
+    assert readme_commands(root) == ["make demo", "make test"]
     ci = open(os.path.join(root, ".ci", "run")).read()
     assert re.search(r"^make test$", ci, re.M)
+
+
+def test_make_test_installs_everything_it_runs_with(root, tmp_path):
+    """On a machine without the virtualenv, ``make test`` makes it, installs the tested torch and the
+    project with its test extras, checks the tools, then runs pytest from it: in that order."""
+    import subprocess
+    venv = tmp_path / "venv"
+    plan = subprocess.run(["make", "-n", "test", f"VENV={venv}"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+    steps = [f"-m venv {venv}", "pip install -q torch==2.14.1 torchvision==0.29.1", 'pip install -q -e ".[test]"',
+             "command -v cc", "command -v pgrep", f"{venv}/bin/python -m pytest"]
+    at = [plan.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), dict(zip(steps, at))

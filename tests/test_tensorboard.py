@@ -2,6 +2,7 @@
 on what the study varies (groups, exchanges, seed, params, MACs) and the five metrics that matter, every
 run listed with its groups and seed, values as written; Custom Scalars has its charts."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -12,27 +13,32 @@ import pytest
 
 from alexnet.hparams import METRICS, STUDY_HPARAMS
 from scripts import compare_groups
-from test_distributed import free_port
 from test_study import write_family
 
 
 class TensorBoard:
-    """``tensorboard --logdir`` on a free localhost port, stopped on exit."""
+    """``tensorboard --logdir --port 0``: the OS picks the port and the server names it on stderr; stopped on exit."""
 
     def __init__(self, logdir):
-        self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
-                                      "--host", "127.0.0.1", "--port", str(self.port), "--load_fast=false",
-                                      "--reload_interval=1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      "--host", "127.0.0.1", "--port", "0", "--load_fast=false",
+                                      "--reload_interval=1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        self.port, self.said = None, []
 
     def __enter__(self):
+        # "TensorBoard 2.x at http://127.0.0.1:PORT/ (Press CTRL+C to quit)" once it listens
+        while self.port is None:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise AssertionError(f"tensorboard exited: {''.join(self.said)[-2000:]}")
+            self.said.append(line)
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            self.port = int(found.group(1)) if found else None
         deadline = time.time() + 60
         while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"tensorboard exited: {self.proc.stderr.read().decode()[-2000:]}")
             try:
-                runs = self.get("/data/runs")
-                if runs:
+                if self.get("/data/runs"):
                     return self
             except OSError:
                 pass

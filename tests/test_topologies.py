@@ -13,7 +13,6 @@ from alexnet.reference import ChannelShuffle, ReferenceAlexNet
 from alexnet.spec import SpecError
 from conftest import assert_close, tiny_spec
 from parallel import CommCounter, GroupConv2d, LocalPlacement, PlacementError, Sharded, shard
-from test_distributed import free_port
 
 # widths whose conv2 output (conv3's input) divides by 4 x 4, so conv3 can shuffle over 4 groups
 SHUFFLE = dict(groups=4, conv_channels=[12, 32, 36, 36, 24], exchange={"conv3": "shuffle"})
@@ -131,7 +130,7 @@ def test_shuffle_moves_g_times_less_than_an_all_gather():
 @pytest.mark.parametrize("kw, world", [(SHUFFLE, 2), (SHUFFLE, 4), (ROOT, 2)], ids=["shuffle-2", "shuffle-4", "root-2"])
 def test_topologies_under_gloo_match_reference(kw, world, tmp_path):
     out = str(tmp_path / "got.pt")
-    mp.spawn(dist_worker.topology_equivalence, args=(world, free_port(), kw, out), nprocs=world, join=True)
+    mp.spawn(dist_worker.topology_equivalence, args=(world, dist_worker.rendezvous_file(), kw, out), nprocs=world, join=True)
     got = torch.load(out, weights_only=True)
     assert got["slots"] == world
     spec = tiny_spec(**kw)
@@ -153,7 +152,7 @@ def test_hybrid_placement_matches_one_process(groups, world, batch, tmp_path):
     """Convs data-parallel, fc layers split over the ranks: the single-device network's logits and gradients
     on the same global batch (slices of unequal size included: 5 over 2 ranks, 7 over 4)."""
     out = str(tmp_path / "got.pt")
-    mp.spawn(dist_worker.hybrid_equivalence, args=(world, free_port(), groups, batch, out), nprocs=world, join=True)
+    mp.spawn(dist_worker.hybrid_equivalence, args=(world, dist_worker.rendezvous_file(), groups, batch, out), nprocs=world, join=True)
     got = torch.load(out, weights_only=True)
     spec = tiny_spec(groups)
     ref = ReferenceAlexNet(spec)
@@ -196,7 +195,7 @@ def test_process_placements_without_torchrun_are_one_clear_error(placement, monk
 def test_data_replicas_with_unequal_slices_average_by_rows(tmp_path):
     """4 ranks = 2 replicas x G = 2 on a batch of 7 (4 + 3 rows): the synced gradient is the full batch's."""
     out = str(tmp_path / "got.pt")
-    mp.spawn(dist_worker.replicas_uneven, args=(4, free_port(), 2, 7, out), nprocs=4, join=True)
+    mp.spawn(dist_worker.replicas_uneven, args=(4, dist_worker.rendezvous_file(), 2, 7, out), nprocs=4, join=True)
     got = torch.load(out, weights_only=True)
     spec = tiny_spec(2)
     ref = ReferenceAlexNet(spec)

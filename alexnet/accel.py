@@ -4,8 +4,10 @@ Each one leaves the math unchanged (up to floating-point rounding) and is a conf
 recorded in the run's config.yaml:
   train.channels_last    CUDA: NHWC activations and weights, cuDNN's fastest layout
   train.cudnn_benchmark  CUDA: cuDNN times its algorithms once per shape
-  train.conv_formulation grouped | split | auto: auto times both per grouped layer on CUDA
+  train.conv_formulation grouped | split | streams | auto: auto times each per grouped layer on CUDA
+                         (streams only when not compiling: torch.compile does not trace stream switches)
   train.compile          torch.compile the model (the local placement's graph has no breaks)
+  train.compile_mode     default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
 ``run.deterministic`` overrides the first two's non-determinism: cuDNN benchmark off,
 deterministic algorithms on, so a resumed CUDA run is bitwise exact.
 """
@@ -15,6 +17,7 @@ import os
 
 import torch
 
+from alexnet.config import ConfigError
 from alexnet.engine import autocast
 from parallel.tuning import choose_conv_formulations
 
@@ -45,6 +48,9 @@ def prepare(model: torch.nn.Module, cfg: dict, placement, batch_shape: tuple[int
     if channels_last:
         model.to(memory_format=torch.channels_last)
     choice = t["conv_formulation"]
+    if choice == "streams" and t["compile"]:
+        raise ConfigError("train.conv_formulation=streams runs eagerly (torch.compile does not trace CUDA stream "
+                          "switches); with train.compile=true use grouped, split or auto")
     if choice == "auto" and cuda:
         x = torch.randn(batch_shape, device=placement.input_device)
         if channels_last:
@@ -54,13 +60,13 @@ def prepare(model: torch.nn.Module, cfg: dict, placement, batch_shape: tuple[int
             with autocast(t["precision"], placement.output_device):
                 model(x)
 
-        for r in choose_conv_formulations(model, forward_once):
+        for r in choose_conv_formulations(model, forward_once, eager=not t["compile"]):
             timings = ", ".join(f"{k} {v:.2f} ms" for k, v in r["ms"].items())
             say(f"{r['layer']}: {r['choice']} convolution ({timings}, forward + backward)")
-    elif choice in ("grouped", "split"):
+    elif choice != "auto":
         for m in model.modules():
             if hasattr(m, "formulation"):
                 m.formulation = choice
     if t["compile"]:
-        return torch.compile(model)
+        return torch.compile(model, mode=t["compile_mode"])
     return model

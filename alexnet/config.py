@@ -48,9 +48,11 @@ DEFAULTS: dict = {
         "log_every": 50,             # steps between TensorBoard loss points
         "filter_images_every": 1,    # epochs between conv1 filter pictures in TensorBoard (0: never)
         "compile": False,            # torch.compile the model (no graph breaks on the local placement)
+        "compile_mode": "default",   # with compile: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
         "channels_last": True,       # CUDA: NHWC activations and weights (cuDNN's fast layout); ignored on CPU
         "cudnn_benchmark": True,     # CUDA: let cuDNN time its algorithms per shape; ignored on CPU
-        "conv_formulation": "auto",  # grouped | split | auto (CUDA: time both per layer at start-up; CPU: grouped)
+        "conv_formulation": "auto",  # grouped | split | streams | auto (CUDA: time each per layer at start-up, streams
+                                     # only without compile; CPU: grouped)
     },
     "data": {
         "dataset": "fashion_mnist",  # fashion_mnist | imagefolder | fake
@@ -93,7 +95,8 @@ INT_OR_LIST = {"model.groups"}
 OPEN_MAPS = {"model.exchange"}
 CHOICES = {"model.init": ("paper", "caffe", "kaiming"), "optim.schedule": ("paper", "step", "cosine", "constant"),
            "data.dataset": ("fashion_mnist", "imagefolder", "fake"), "train.precision": ("fp32", "bf16"),
-           "train.conv_formulation": ("auto", "grouped", "split"), "data.decode": ("auto", "cpu", "gpu"),
+           "train.conv_formulation": ("auto", "grouped", "split", "streams"),
+           "train.compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"), "data.decode": ("auto", "cpu", "gpu"),
            "parallel.placement": ("local", "distributed", "hybrid", "auto"), "parallel.backend": ("auto", "nccl", "gloo")}
 
 

@@ -8,13 +8,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from alexnet import accel
+from alexnet import accel, mfu
 from alexnet import checkpoint as ckpt_io
 from alexnet import rundir
 from alexnet.build import data_from_config, placement_from_config, spec_from_config
 from alexnet.config import dump
 from alexnet.engine import TrainingDiverged, evaluate, train_one_epoch
 from alexnet.filters import within_between_correlation
+from alexnet.graphs import GraphRecordings, describe_recordings
 from alexnet.init import init_reference_state
 from alexnet.logs import RunLog
 from alexnet.model import GroupAlexNet
@@ -105,6 +106,7 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
     per_replica = max(1, train_loader.batch_size // runtime.num_replicas)
     batch_shape = (per_replica, spec.in_channels, spec.input_size, spec.input_size)
     runner = accel.prepare(model, cfg, placement, batch_shape, say=say)
+    recordings = GraphRecordings() if t["compile"] and t["compile_mode"] == "reduce-overhead" else None
     channels_last = accel.on_cuda(placement) and t["channels_last"]
     if runtime.is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -160,10 +162,13 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         val = evaluate(runner, val_loader, placement, runtime, t["precision"], channels_last)
         lr_used = schedule.lr(step - 1, epoch)
         schedule.end_epoch(val["val_top1_err"])
+        speed = mfu.throughput(result["images_per_s"], spec.macs(), mfu.device_name(placement.input_device))
         record = {"epoch": epoch + 1, "step": step, "train_loss": result["train_loss"],
                   "train_top1_err": result["train_top1_err"], "train_top5_err": result["train_top5_err"],
                   "val_loss": val["val_loss"], "val_top1_err": val["val_top1_err"], "val_top5_err": val["val_top5_err"],
-                  "lr": lr_used, "images_per_s": result["images_per_s"], "cross_group_mb_per_step": mb_per_step,
+                  "lr": lr_used, "images_per_s": result["images_per_s"],
+                  "tflops": speed["tflops"], "mfu": speed["mfu"],
+                  "cross_group_mb_per_step": mb_per_step,
                   "epoch_s": time.perf_counter() - epoch_start, "data_replicas": runtime.num_replicas,
                   "groups": spec.groups}
         # The checkpoint first, holding the epoch's record: metrics.jsonl never lists an epoch that no
@@ -183,7 +188,11 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         if runtime.is_main and not quiet:
             print(f"epoch {epoch + 1}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "
                   f"{record['val_top1_err']:.2f}%  top-5 {record['val_top5_err']:.2f}%  lr {lr_used:.3g}  "
-                  f"{record['images_per_s']:.0f} img/s  {record['epoch_s']:.1f}s", flush=True)
+                  f"{record['images_per_s']:.0f} img/s  "
+                  f"{mfu.describe(record['images_per_s'], spec.macs(), placement.input_device)}  "
+                  f"{record['epoch_s']:.1f}s", flush=True)
+            if recordings is not None:
+                say(describe_recordings(recordings.take(), epoch_step, accel.on_cuda(placement)))
         every = t["filter_images_every"]
         if every and ((epoch + 1) % every == 0 or epoch + 1 == t["epochs"]):
             log.filters(weights, spec.layer_groups["conv1"], epoch + 1)
@@ -192,6 +201,8 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
             break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+    if recordings is not None:
+        recordings.close()
     history = log.history() if runtime.is_main else []
     finished = bool(history) and history[-1]["epoch"] == t["epochs"]
     summary = make_summary(cfg, spec, where_text, runtime, history, wall_before + time.perf_counter() - run_start,

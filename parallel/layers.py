@@ -17,6 +17,7 @@ of a model, keyed by module name.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,6 +28,7 @@ from torch.nn.modules.utils import _pair
 from parallel.placement import PlacementError, check_dealable, split_sizes
 from parallel.roles import tag
 from parallel.sharded import Sharded
+from parallel.streams import SideStreams, run_on_streams
 
 #: where a group's input comes from: its own group's maps, every group's (all-gather), the
 #: g-th 1/G slice of every group's (channel shuffle), or one input every group reads whole
@@ -235,8 +237,9 @@ class GroupConv2d(_GroupSharded):
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
             self._add_block((hi - lo, self.in_per_filter, *self.kernel_size), slot.device, bias)
         self.slot_conv_groups = [self.per_slot if grouped else 1 for _ in placement.local_slots]
-        # How a slot holding k > 1 groups computes them; both give the same Y_g (see FORMULATIONS).
+        # How a slot holding k > 1 groups computes them; all give the same Y_g (see FORMULATIONS).
         self.formulation = "grouped"
+        self._side_streams = SideStreams()
         self.reset_parameters()
 
     PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -267,10 +270,19 @@ class GroupConv2d(_GroupSharded):
         return (0, 0), pad
 
     #: ``grouped``: one ``F.conv2d(groups=k)`` call; ``split``: k dense convolutions, one per
-    #: group, concatenated. Which is faster depends on the device, dtype, memory format and
-    #: shapes (cuDNN's grouped kernels can be slower than k dense ones), so it is measured:
-    #: see ``parallel.tuning``.
-    FORMULATIONS = ("grouped", "split")
+    #: group, concatenated; ``streams``: the same k dense convolutions, group g's on CUDA side
+    #: stream g (``parallel.streams``; on CPU they run in order). Which is faster depends on
+    #: the device, dtype, memory format and shapes (cuDNN's grouped kernels can be slower than
+    #: k dense ones), so it is measured: see ``parallel.tuning``.
+    FORMULATIONS = ("grouped", "split", "streams")
+
+    @staticmethod
+    def formulations_for(device: torch.device, eager: bool = True) -> tuple[str, ...]:
+        """The formulations worth timing on ``device``: streams only on CUDA and only eagerly
+        (torch.compile does not trace stream switches; on CPU streams would equal split)."""
+        if torch.device(device).type == "cuda" and eager:
+            return GroupConv2d.FORMULATIONS
+        return ("grouped", "split")
 
     def forward(self, x) -> Sharded:
         return self._output([self._conv(xi, w, self._bias(i), k)
@@ -281,9 +293,14 @@ class GroupConv2d(_GroupSharded):
             x = F.pad(x, self.explicit_pad, mode=self.padding_mode)
         if k == 1 or self.formulation == "grouped":
             return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, k)
+        if self.formulation not in self.FORMULATIONS:
+            raise ValueError(f"{self.name}: formulation must be one of {self.FORMULATIONS}, got {self.formulation!r}")
         biases = b.chunk(k, 0) if b is not None else [None] * k
-        return torch.cat([F.conv2d(xg, wg, bg, self.stride, self.padding, self.dilation)
-                          for xg, wg, bg in zip(x.chunk(k, 1), w.chunk(k, 0), biases)], dim=1)
+        work = [functools.partial(F.conv2d, xg, wg, bg, self.stride, self.padding, self.dilation)
+                for xg, wg, bg in zip(x.chunk(k, 1), w.chunk(k, 0), biases)]
+        if self.formulation == "streams":
+            return torch.cat(run_on_streams(work, self._side_streams.get(x.device, k)), dim=1)
+        return torch.cat([conv() for conv in work], dim=1)
 
 
 class GroupLinear(_GroupSharded):

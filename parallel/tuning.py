@@ -1,8 +1,8 @@
 """Measure, per grouped convolution, which formulation is fastest, and use it.
 
-A slot holding k > 1 groups can compute ``Y = conv(X, W, groups=k)`` as one grouped call
-or as k dense convolutions on the k channel blocks, concatenated (``GroupConv2d.
-FORMULATIONS``); the math is the same. Which is faster depends on the device, dtype,
+A slot holding k > 1 groups can compute ``Y = conv(X, W, groups=k)`` as one grouped call,
+as k dense convolutions on the k channel blocks, concatenated, or as those k on k CUDA
+streams (``GroupConv2d.FORMULATIONS``); the math is the same. Which is faster depends on the device, dtype,
 memory format and shapes: fewer multiply-accumulates only buy time when the kernel that
 does them is fast. So, before training, one forward pass records each grouped layer's
 input, and every formulation of that layer is timed (forward + backward) on it; the
@@ -44,11 +44,12 @@ def _key(layer: GroupConv2d, x: torch.Tensor, k: int) -> tuple:
 
 
 def choose_conv_formulations(model: torch.nn.Module, run_forward, cache: dict | None = None,
-                             repeats: int = 5) -> list[dict]:
+                             repeats: int = 5, eager: bool = True) -> list[dict]:
     """Set ``formulation`` on every GroupConv2d whose slots hold several groups.
 
     ``run_forward()`` runs the model once on a representative batch, under the autocast
-    and memory format training will use. Returns one record per decided layer:
+    and memory format training will use; ``eager=False`` (the model will be compiled) leaves
+    the streams formulation out. Returns one record per decided layer:
     ``{"layer", "choice", "ms": {formulation: milliseconds}, "cached"}``.
     """
     cache = {} if cache is None else cache
@@ -79,11 +80,12 @@ def choose_conv_formulations(model: torch.nn.Module, run_forward, cache: dict | 
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             w = w.detach().to(memory_format=torch.channels_last).requires_grad_(True)
         k = layer.slot_conv_groups[0]
-        key = _key(layer, x, k)
+        candidates = GroupConv2d.formulations_for(x.device, eager)
+        key = (*_key(layer, x, k), candidates)
         cached = key in cache
         if not cached:
             ms = {}
-            for f in GroupConv2d.FORMULATIONS:
+            for f in candidates:
                 layer.formulation = f
                 ms[f] = 1000 * _time_fwd_bwd(layer, x, w, b, k, repeats)
             cache[key] = ms

@@ -50,6 +50,7 @@ from alexnet.model import GroupAlexNet  # noqa: E402
 from alexnet.reference import ReferenceAlexNet  # noqa: E402
 from parallel import LocalPlacement  # noqa: E402
 from parallel.tuning import choose_conv_formulations  # noqa: E402
+from alexnet import mfu  # noqa: E402
 
 GEOMETRIES = {"paper": "configs/imagenet/g{G}.yaml", "fashion_mnist": "configs/fashion_mnist/g{G}.yaml"}
 
@@ -57,8 +58,10 @@ GEOMETRIES = {"paper": "configs/imagenet/g{G}.yaml", "fashion_mnist": "configs/f
 class Setting:
     """How every model of one comparison runs: device, precision, memory format."""
 
-    def __init__(self, device: torch.device, precision: str = "fp32", channels_last: bool = False):
+    def __init__(self, device: torch.device, precision: str = "fp32", channels_last: bool = False,
+                 compile_mode: str = "default"):
         self.device, self.precision, self.channels_last = device, precision, channels_last
+        self.compile_mode = compile_mode
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -72,21 +75,22 @@ class Setting:
         return x, torch.randint(0, spec.num_classes, (n,), generator=gen).to(self.device)
 
 
-def tune(model: GroupAlexNet, setting: Setting, x) -> list[dict]:
-    """On CUDA, pick each grouped conv's formulation as train.py does (conv_formulation: auto)."""
+def tune(model: GroupAlexNet, setting: Setting, x, eager: bool) -> list[dict]:
+    """On CUDA, pick each grouped conv's formulation as train.py does (conv_formulation: auto);
+    ``eager=False``: the model will also be compiled, so streams is not a candidate."""
     if setting.device.type != "cuda":
         return []
 
     def forward_once():
         with autocast(setting.precision, setting.device):
             model(x)
-    return choose_conv_formulations(model, forward_once)
+    return choose_conv_formulations(model, forward_once, eager=eager)
 
 
 def make_models(spec, setting: Setting, compile_too: bool, x) -> tuple[dict, list[dict]]:
     slot = [str(setting.device)]
     ours = setting.prepare(GroupAlexNet(spec, LocalPlacement(spec.groups, slot)))
-    choices = tune(ours, setting, x)
+    choices = tune(ours, setting, x, eager=not compile_too)
     models = {"ours": ours,
               "ours/tLRN": setting.prepare(GroupAlexNet(spec, LocalPlacement(spec.groups, slot),
                                                         lrn_module=nn.LocalResponseNorm)),
@@ -98,8 +102,8 @@ def make_models(spec, setting: Setting, compile_too: bool, x) -> tuple[dict, lis
         from torchvision.models import alexnet
         models["torchvision"] = setting.prepare(alexnet(num_classes=spec.num_classes))
     if compile_too:
-        models["ours+compile"] = torch.compile(ours)
-        models["reference+compile"] = torch.compile(setting.prepare(ReferenceAlexNet(spec)))
+        models["ours+compile"] = torch.compile(ours, mode=setting.compile_mode)
+        models["reference+compile"] = torch.compile(setting.prepare(ReferenceAlexNet(spec)), mode=setting.compile_mode)
     return models, choices
 
 
@@ -138,8 +142,37 @@ def peak_memory(model, x, y, setting: Setting):
     return torch.cuda.max_memory_allocated(setting.device) / 2**20
 
 
+def kernel_table(model, x, y, setting: Setting, opt, top: int) -> list[dict]:
+    """The ``top`` kernels (CUDA) or operators (CPU) of 3 training steps by total time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = setting.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        time_steps(model, x, y, 3, setting, opt)
+    attr = "device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"name": e.key[:60], "ms_per_step": getattr(e, attr) / 3e3, "calls_per_step": e.count / 3}
+            for e in events[:top]]
+
+
+def profile_side_by_side(models: dict, x, y, setting: Setting, optimizers: dict, top: int = 12) -> dict:
+    """Kernel tables of ours and the reference (compiled ones when timed), printed side by side."""
+    pair = ("ours+compile", "reference+compile") if "ours+compile" in models else ("ours", "reference")
+    tables = {name: kernel_table(models[name], x, y, setting, optimizers[name], top) for name in pair}
+    print(f"  {pair[0]:<52}{'ms':>8}{'n':>5}   {pair[1]:<52}{'ms':>8}{'n':>5}")
+    for i in range(top):
+        cells = []
+        for name in pair:
+            row = tables[name][i] if i < len(tables[name]) else None
+            cells.append(f"{row['name'][:52]:<52}{row['ms_per_step']:>8.3f}{row['calls_per_step']:>5.0f}" if row
+                         else " " * 65)
+        print("  " + "   ".join(cells))
+    return tables
+
+
 def bench(geometry: str, G: int, setting: Setting, batch: int, steps: int, rounds: int,
-          compile_too: bool = False) -> dict:
+          compile_too: bool = False, profile: bool = False) -> dict:
     spec = spec_from_config(load(GEOMETRIES[geometry].format(G=G), ["model.dropout=0.0"]))
     x, y = setting.batch(spec, batch)
     models, choices = make_models(spec, setting, compile_too, x)
@@ -151,16 +184,21 @@ def bench(geometry: str, G: int, setting: Setting, batch: int, steps: int, round
         for name, m in models.items():
             per_round[name].append(time_steps(m, x, y, steps, setting, optimizers[name]))
     out = {}
+    device_name = mfu.device_name(setting.device)
     for name, m in models.items():
         sec = statistics.median(per_round[name])
-        out[name] = {"images_per_s": batch / sec, "step_ms": 1000 * sec,
-                     "peak_mib": peak_memory(m, x, y, setting)}
+        # torchvision's network has other MACs than ours at this G: no FLOP/s figure for it
+        speed = mfu.throughput(batch / sec, spec.macs(), device_name) if name != "torchvision" else {}
+        out[name] = {"images_per_s": batch / sec, "step_ms": 1000 * sec, "tflops": speed.get("tflops"),
+                     "mfu": speed.get("mfu"), "peak_mib": peak_memory(m, x, y, setting)}
+    tables = profile_side_by_side(models, x, y, setting, optimizers) if profile else None
     ref = out["reference"]["images_per_s"]
     for r in out.values():
         r["ratio_to_reference"] = r["images_per_s"] / ref
     return {"geometry": geometry, "groups": G, "batch": batch, "device": str(setting.device), "macs": spec.macs(),
             "precision": setting.precision, "channels_last": setting.channels_last,
-            "conv_formulations": {c["layer"]: c["choice"] for c in choices}, "models": out}
+            "compile_mode": setting.compile_mode if compile_too else None,
+            "conv_formulations": {c["layer"]: c["choice"] for c in choices}, "models": out, "profile": tables}
 
 
 def print_table(results: list[dict]) -> None:
@@ -186,6 +224,12 @@ def print_table(results: list[dict]) -> None:
             m = r["models"]
             print(f"  G={r['groups']} {r['geometry']}: ours+compile / reference+compile = "
                   f"{m['ours+compile']['images_per_s'] / m['reference+compile']['images_per_s']:.2f}x")
+        for name in ("ours", "ours+compile", "reference+compile"):
+            m = r["models"].get(name)
+            if m and m["tflops"] is not None:
+                share = f", MFU {100 * m['mfu']:.2f}% of the dense bf16 peak" if m["mfu"] is not None else ""
+                print(f"  G={r['groups']} {r['geometry']}: {name} {m['tflops']:.3g} TFLOP/s "
+                      f"(6 x {r['macs'] / 1e6:.0f}M MACs per image){share}")
         if r["conv_formulations"]:
             print(f"  G={r['groups']} {r['geometry']}: conv formulations chosen: {r['conv_formulations']}")
 
@@ -283,8 +327,11 @@ def bench_e2e(source: str, G: int, setting: Setting, batch: int, compile_: bool,
          "channels_last": setting.channels_last, "compile": compile_, "epochs_timed": len(later),
          "e2e_images_per_s": e2e, "model_only_images_per_s": model, "ratio": e2e / model, "wall_s": wall,
          "dataset": cfg["data"]["dataset"], "decode": cfg["data"]["decode"], "workers": cfg["data"]["workers"]}
-    print(f"  e2e {source} G={G}: {e2e:.0f} img/s end to end, {model:.0f} model only ({e2e / model:.2f}x)",
-          flush=True)
+    speed = mfu.throughput(e2e, spec_from_config(cfg).macs(), mfu.device_name(setting.device))
+    r.update(tflops=speed["tflops"], mfu=speed["mfu"])
+    share = f", MFU {100 * speed['mfu']:.2f}%" if speed["mfu"] is not None else ""
+    print(f"  e2e {source} G={G}: {e2e:.0f} img/s end to end ({speed['tflops']:.3g} TFLOP/s{share}), {model:.0f} "
+          f"model only ({e2e / model:.2f}x)", flush=True)
     return r
 
 
@@ -332,6 +379,10 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--channels-last", action="store_true", help="NHWC activations and weights for every model")
     p.add_argument("--compile", action="store_true", help="also time ours and the reference under torch.compile")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile mode")
+    p.add_argument("--profile", action="store_true",
+                   help="print the top kernels (CPU: operators) of ours and the reference side by side, per G")
     p.add_argument("--e2e", nargs="+", default=[], choices=E2E_SOURCES,
                    help="also time train.py's loop end to end on these sources (and skip the model-only table "
                         "unless --geometry is given)")
@@ -353,13 +404,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    setting = Setting(device, args.precision, args.channels_last)
+    setting = Setting(device, args.precision, args.channels_last, args.compile_mode)
     geometries = args.geometry if args.geometry is not None else ([] if args.e2e else list(GEOMETRIES))
     results = []
     for geometry in geometries:
         batch = args.batch or (128 if cuda or geometry == "fashion_mnist" else 16)
         for G in args.groups:
-            r = bench(geometry, G, setting, batch, args.steps or (20 if cuda else 3), args.rounds, args.compile)
+            r = bench(geometry, G, setting, batch, args.steps or (20 if cuda else 3), args.rounds, args.compile,
+                      args.profile)
             results.append(r)
             print(f"  {geometry} G={G}: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s"
                                                       for k, v in r["models"].items()), flush=True)

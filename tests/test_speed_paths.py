@@ -1,0 +1,178 @@
+"""The GPU speed paths that CPU can check: the streams formulation, its hand-over order, compile modes,
+CUDA graph recording counts and the MFU arithmetic (their speed is measured only on a GPU)."""
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_close
+from parallel import GroupConv2d, LocalPlacement, shard
+from test_layers import shard as leaf_shards
+
+
+@pytest.mark.parametrize("G, devices", [(4, ["cpu"]), (4, ["cpu", "cpu"]), (2, ["cpu"])])
+def test_streams_formulation_equals_torch_grouped_conv_forward_and_backward(G, devices):
+    pl = LocalPlacement(G, devices)
+    ref = nn.Conv2d(8, 16, 3, padding=1, groups=G)
+    layer = GroupConv2d(pl, 8, 16, 3, padding=1, name="c")
+    with torch.no_grad():
+        for (lo, hi), w, b in zip(layer.slot_rows, layer.weights, layer.biases):
+            w.copy_(ref.weight[lo:hi])
+            b.copy_(ref.bias[lo:hi])
+    layer.formulation = "streams"
+    x = torch.randn(3, 8, 6, 6, requires_grad=True)
+    xs = leaf_shards(x.detach(), pl)
+    y = torch.cat(layer(xs).parts, 1)
+    assert_close(y, ref(x))
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref(x).backward(g)
+    assert_close(torch.cat([w.grad for w in layer.weights]), ref.weight.grad)
+    assert_close(torch.cat([b.grad for b in layer.biases]), ref.bias.grad)
+    assert_close(torch.cat([t.grad for t in xs.parts], 1), x.grad)
+
+
+def test_an_unknown_formulation_is_refused_by_name():
+    layer = GroupConv2d(LocalPlacement(2, ["cpu"]), 4, 4, 1, name="c")
+    layer.formulation = "fast"
+    with pytest.raises(ValueError, match="c: formulation must be one of"):
+        layer(shard(torch.randn(1, 4, 2, 2), layer.placement))
+
+
+class FakeStream:
+    """Records what run_on_streams asks of a stream."""
+
+    def __init__(self, name, said):
+        self.name, self.said = name, said
+
+    def wait_stream(self, other):
+        self.said.append(f"{self.name} waits {other.name}")
+
+
+def test_run_on_streams_hands_over_by_waits_in_order_and_records_outputs_on_the_main_stream():
+    from parallel.streams import run_on_streams
+    said = []
+    main = FakeStream("main", said)
+    sides = [FakeStream(f"s{g}", said) for g in range(3)]
+
+    @contextlib.contextmanager
+    def enter(stream):
+        said.append(f"enter {stream.name}")
+        yield
+        said.append(f"leave {stream.name}")
+
+    class Out:
+        def __init__(self, g):
+            self.g = g
+
+        def record_stream(self, stream):
+            said.append(f"out{self.g} used on {stream.name}")
+
+    def work(g):
+        def run():
+            said.append(f"work {g}")
+            return Out(g)
+        return run
+
+    outs = run_on_streams([work(g) for g in range(3)], sides, main=main, enter=enter)
+    assert [o.g for o in outs] == [0, 1, 2]
+    expected = []
+    for g in range(3):
+        expected += [f"s{g} waits main", f"enter s{g}", f"work {g}", f"leave s{g}"]
+    for g in range(3):
+        expected += [f"main waits s{g}", f"out{g} used on main"]
+    assert said == expected
+    with pytest.raises(ValueError, match="3 computations need as many streams, got 2"):
+        run_on_streams([work(g) for g in range(3)], sides[:2], main=main, enter=enter)
+    assert [o.g for o in run_on_streams([work(g) for g in range(2)], None)] == [0, 1]  # CPU: in order
+
+
+def test_formulations_timed_per_device_and_mode():
+    assert GroupConv2d.formulations_for(torch.device("cuda", 0)) == ("grouped", "split", "streams")
+    assert GroupConv2d.formulations_for(torch.device("cuda", 0), eager=False) == ("grouped", "split")
+    assert GroupConv2d.formulations_for(torch.device("cpu")) == ("grouped", "split")
+    from parallel.tuning import choose_conv_formulations
+    layer = GroupConv2d(LocalPlacement(4, ["cpu"]), 8, 8, 3, padding=1, name="c")
+    x = shard(torch.randn(2, 8, 6, 6), layer.placement)
+    records = choose_conv_formulations(nn.Sequential(layer), lambda: layer(x), repeats=1)
+    assert set(records[0]["ms"]) == {"grouped", "split"} and layer.formulation == records[0]["choice"]
+
+
+def test_streams_with_compile_and_a_bad_compile_mode_are_refused_clearly():
+    from alexnet import accel
+    from alexnet.config import ConfigError, load
+    with pytest.raises(ConfigError, match="compile_mode: 'fastest' is not one of"):
+        load("configs/smoke.yaml", ["train.compile_mode=fastest"])
+    cfg = load("configs/smoke.yaml", ["train.compile=true", "train.conv_formulation=streams"])
+    layer = GroupConv2d(LocalPlacement(2, ["cpu"]), 4, 4, 1, name="c")
+    with pytest.raises(ConfigError, match="streams runs eagerly"):
+        accel.prepare(nn.Sequential(layer), cfg, layer.placement, (1, 4, 2, 2))
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compile_mode_reaches_torch_compile(mode, monkeypatch):
+    from alexnet import accel
+    from alexnet.config import load
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
+    cfg = load("configs/smoke.yaml", ["train.compile=true", f"train.compile_mode={mode}"])
+    layer = GroupConv2d(LocalPlacement(2, ["cpu"]), 4, 4, 1, name="c")
+    accel.prepare(nn.Sequential(layer), cfg, layer.placement, (1, 4, 2, 2))
+    assert seen == {"mode": mode}
+
+
+def test_reduce_overhead_on_cpu_equals_eager_and_records_no_graph():
+    """On CPU inductor skips CUDA graphs: the compiled model still equals eager and nothing is recorded."""
+    import torch._dynamo as dynamo
+
+    from alexnet.graphs import GraphRecordings, describe_recordings
+    from test_compile import _model
+    dynamo.reset()
+    recordings = GraphRecordings()
+    try:
+        model = _model(2, ["cpu"])
+        compiled = torch.compile(model, mode="reduce-overhead")
+        x = torch.randn(4, 1, 32, 32)
+        for _ in range(2):
+            y = compiled(x)
+        assert_close(y, model(x))
+        assert recordings.take() == 0
+    finally:
+        recordings.close()
+    assert "not on CUDA" in describe_recordings(0, 10, on_cuda=False)
+
+
+def test_graph_recordings_count_inductors_cudagraph_announcements_only():
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    from alexnet.graphs import GraphRecordings, describe_recordings
+    recordings = GraphRecordings()
+    try:
+        for trigger in (CallbackTrigger.CUDAGRAPH_RECORDING, CallbackTrigger.DYNAMO,
+                        CallbackTrigger.CUDAGRAPH_RECORDING):
+            with callback_handler.install_callbacks(trigger, "0/0"):
+                pass
+        assert recordings.take() == 2 and recordings.take() == 0
+    finally:
+        recordings.close()
+    with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "0/1"):
+        pass
+    assert recordings.count == 2  # closed: no longer counting
+    assert "re-captured about every step" in describe_recordings(40, 50, on_cuda=True)
+    assert "recorded once, then replayed" in describe_recordings(2, 50, on_cuda=True)
+
+
+def test_mfu_is_six_macs_per_image_against_the_named_dense_bf16_peak():
+    from alexnet import mfu
+    from alexnet.build import spec_from_config
+    from alexnet.config import load
+    macs = spec_from_config(load("configs/imagenet/g2.yaml")).macs()
+    t = mfu.throughput(10_000, macs, "NVIDIA H200")
+    assert t["tflops"] == pytest.approx(6 * macs * 10_000 / 1e12)
+    assert t["peak_tflops"] == 989.5 and t["mfu"] == pytest.approx(t["tflops"] / 989.5)
+    assert "H200" in t["peak_source"]
+    assert mfu.peak_of("NVIDIA H100 PCIe")[0] == 756.5 and mfu.peak_of("NVIDIA H100 80GB HBM3")[0] == 989.5
+    cpu = mfu.throughput(100, macs, "cpu")
+    assert cpu["mfu"] is None and cpu["tflops"] > 0
+    assert mfu.describe(100, macs, "cpu") == f"{cpu['tflops']:.3g} TFLOP/s"

@@ -111,15 +111,15 @@ def run_evaluate(args) -> dict:
     from alexnet import checkpoint as ckpt_io
     from alexnet.build import data_from_config
     from alexnet.config import apply_overrides, load
-    from alexnet.engine import evaluate
+    from alexnet.engine import Trainer, evaluate
     from alexnet.fit import build_run
     ckpt = ckpt_io.load(args.evaluate)
     cfg = load(args.config, args.overrides) if args.config else apply_overrides(ckpt["config"], args.overrides)
     ckpt_io.check_compatible(ckpt, cfg["model"], args.evaluate)
-    _, placement, runtime, model, _ = build_run(cfg)
+    _, placement, runtime, model, optimizer = build_run(cfg)
     model.load_reference(ckpt["model"])
     _, val_loader = data_from_config(cfg, placement, runtime)
-    result = evaluate(model, val_loader, placement, runtime, cfg["train"]["precision"])
+    result = evaluate(Trainer(model, optimizer, placement, runtime, cfg["train"]["precision"]), val_loader)
     result["epoch"] = ckpt["epoch"]
     if runtime.is_main:
         print(json.dumps(result, indent=2))

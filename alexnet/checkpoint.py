@@ -7,10 +7,40 @@ devices, one process per group) resumes or evaluates under any other.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 FORMAT = 1
+
+
+@dataclass
+class Position:
+    """Where a run stands: everything a checkpoint holds besides weights, momentum and schedule.
+
+    ``epoch`` epochs and ``step`` global steps are done; a mid-epoch checkpoint adds
+    ``epoch_step`` steps of epoch ``epoch`` and their ``partial`` sums. ``wall_s`` is the
+    training wall time so far; ``record`` the last finished epoch's metrics.
+    """
+    epoch: int = 0
+    step: int = 0
+    epoch_step: int = 0
+    partial: dict | None = None
+    wall_s: float = 0.0
+    record: dict | None = None
+
+    @classmethod
+    def of(cls, ckpt: dict) -> "Position":
+        return cls(ckpt["epoch"], ckpt["step"], ckpt.get("epoch_step", 0), ckpt.get("partial"), ckpt["wall_s"],
+                   ckpt.get("record"))
+
+
+def build(cfg: dict, position: Position, model: dict | None, optimizer: dict | None, schedule: dict) -> dict:
+    """The checkpoint (format ``FORMAT``): the run's config, its position, the reference-layout weights
+    and SGD momentum (``model_state``, ``optimizer_state``) and the LR schedule's state."""
+    return {"format": FORMAT, "config": cfg, "epoch": position.epoch, "step": position.step,
+            "epoch_step": position.epoch_step, "partial": position.partial, "record": position.record,
+            "model": model, "optimizer": optimizer, "schedule": schedule, "wall_s": position.wall_s}
 
 
 class CheckpointError(RuntimeError):

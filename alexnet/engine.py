@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +42,59 @@ def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) ->
     return images
 
 
-def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoch: int, step: int, seed: int = 0,
-                    precision: str = "fp32", progress=None, on_log=None, log_every: int = 50,
-                    should_stop=lambda: False, carry: dict | None = None, channels_last: bool = False) -> dict:
-    """Forward, backward, step over the loader; returns epoch metrics and the new global step.
+@dataclass
+class Trainer:
+    """What one training step needs: the callable to train (compiled or not), its optimizer, where it runs.
 
-    The host reads the loss only every ``log_every`` steps, so GPU groups never wait on it;
+    ``diverged`` is a device flag set when a loss is not finite; the host reads it only
+    where it reads anyway (log steps, the end of an epoch), so a step never waits on it.
+    """
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    placement: object
+    runtime: object
+    precision: str = "fp32"
+    channels_last: bool = False
+    seed: int = 0
+    diverged: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.diverged = torch.zeros((), dtype=torch.bool, device=self.placement.output_device)
+
+
+def train_step(t: Trainer, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, gradient sync over replicas, NaN guard, optimizer step: (loss, logits).
+
+    train.py's step, and the one scripts/benchmark.py and scripts/exchange_benchmark.py time.
+    ``images`` and ``labels`` are already on the input and output devices.
+    """
+    with autocast(t.precision, t.placement.output_device):
+        logits = t.model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t.runtime.sync_gradients(t.model.parameters(), rows=labels.shape[0])
+    t.optimizer.step()
+    with torch.no_grad():
+        t.diverged |= ~torch.isfinite(loss.detach())
+    return loss, logits
+
+
+@dataclass
+class EpochHooks:
+    """How an epoch reports and stops: a progress bar, ``on_log(step, loss, lr)`` every ``log_every``
+    steps, and ``should_stop()`` (pre-emption), voted on by every rank."""
+    progress: object = None
+    on_log: Callable | None = None
+    log_every: int = 50
+    should_stop: Callable[[], bool] = lambda: False
+
+
+def train_one_epoch(t: Trainer, loader, schedule, epoch: int, step: int, hooks: EpochHooks | None = None,
+                    carry: dict | None = None) -> dict:
+    """``train_step`` over the loader; returns epoch metrics and the new global step.
+
+    The host reads the loss only every ``hooks.log_every`` steps, so GPU groups never wait on it;
     the loss it logs there is the global batch's mean (summed over replicas), and a loss
     that is not finite on any replica stops every replica there. Dropout draws from
     (seed, step, global row, global feature) (``parallel.dropout``): the same masks under
@@ -54,6 +103,9 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoc
     ``should_stop()`` turns true on any rank, every rank stops after the same step: each
     step starts a vote that the next step reads, so no step waits for the others.
     """
+    hooks = hooks or EpochHooks()
+    model, optimizer, placement, runtime = t.model, t.optimizer, t.placement, t.runtime
+    progress, on_log, log_every, should_stop = hooks.progress, hooks.on_log, hooks.log_every, hooks.should_stop
     model.train()
     device = placement.output_device
     carry = carry or {"sums": [0.0] * 4, "seen": 0, "train_s": 0.0}
@@ -64,25 +116,17 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoc
     stopped = False
     vote = None
     comm_bytes = None
-    # set on the device when a loss is not finite; read where the host reads anyway (log steps, epoch end)
-    diverged = torch.zeros((), dtype=torch.bool, device=device)
     drops = dropout_layers(model)
     first_batch = loader.sampler.skip if hasattr(loader, "sampler") else 0
     start = time.perf_counter()
     for batch_index, (images, labels) in enumerate(loader, start=first_batch):
-        set_draws(drops, seed, step, row_offset(loader, batch_index, runtime))
+        set_draws(drops, t.seed, step, row_offset(loader, batch_index, runtime))
         lr = schedule.lr(step, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images = to_input(images, placement.input_device, channels_last)
+        images = to_input(images, placement.input_device, t.channels_last)
         labels = labels.to(device, non_blocking=True)
-        with autocast(precision, device):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        runtime.sync_gradients(model.parameters(), rows=labels.shape[0])
-        optimizer.step()
+        loss, logits = train_step(t, images, labels)
         with torch.no_grad():
             wrong1, wrong5 = topk_wrong(logits, labels)
             n = labels.shape[0]
@@ -91,7 +135,6 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoc
             sums[1] += wrong1
             sums[2] += wrong5
             sums[3] += n
-            diverged |= ~torch.isfinite(loss.detach())
         seen += images.shape[0]
         step += 1
         if comm_bytes is None:
@@ -100,7 +143,7 @@ def train_one_epoch(model, loader, optimizer, schedule, placement, runtime, epoc
         if step % log_every == 0:
             # one small all-reduce where the host reads anyway: the global batch's loss, and any replica's NaN
             loss_sum, rows, bad = runtime.all_reduce_sum(
-                torch.stack([loss.detach().double() * n, sums.new_tensor(float(n)), diverged.double()])).tolist()
+                torch.stack([loss.detach().double() * n, sums.new_tensor(float(n)), t.diverged.double()])).tolist()
             if bad:
                 raise TrainingDiverged(f"the training loss became NaN or infinite by step {step} (lr {lr:.3g})")
             running = (sums[0] / sums[3]).item()
@@ -140,8 +183,9 @@ def row_offset(loader, batch_index: int, runtime) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, loader, placement, runtime, precision: str = "fp32", channels_last: bool = False) -> dict:
+def evaluate(t: Trainer, loader) -> dict:
     """Top-1/top-5 error (percent) and loss over the whole loader; 10-crop batches are averaged."""
+    model, placement, runtime, precision, channels_last = t.model, t.placement, t.runtime, t.precision, t.channels_last
     model.eval()
     device = placement.output_device
     sums = torch.zeros(4, device=device, dtype=torch.float64)

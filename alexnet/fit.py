@@ -10,10 +10,11 @@ from tqdm import tqdm
 
 from alexnet import accel, mfu
 from alexnet import checkpoint as ckpt_io
+from alexnet.checkpoint import Position
 from alexnet import rundir
 from alexnet.build import data_from_config, placement_from_config, spec_from_config
 from alexnet.config import dump
-from alexnet.engine import TrainingDiverged, evaluate, train_one_epoch
+from alexnet.engine import EpochHooks, Trainer, TrainingDiverged, evaluate, train_one_epoch
 from alexnet.filters import within_between_correlation
 from alexnet.graphs import GraphRecordings, describe_recordings
 from alexnet.init import init_reference_state
@@ -38,6 +39,15 @@ def build_run(cfg: dict, where=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
                                 fused=fused)
     return spec, placement, runtime, model, optimizer
+
+
+def prepare_trainer(cfg: dict, model, optimizer, placement, runtime, batch_shape: tuple[int, ...], say=print) -> Trainer:
+    """The speed settings applied (``accel.prepare``: memory format, conv formulations, compile) and
+    the step's inputs bundled: what train.py trains with, and what the benchmarks time."""
+    t = cfg["train"]
+    runner = accel.prepare(model, cfg, placement, batch_shape, say=say)
+    return Trainer(runner, optimizer, placement, runtime, t["precision"],
+                   channels_last=accel.on_cuda(placement) and t["channels_last"], seed=cfg["run"]["seed"])
 
 
 def resolve_resume(resume: str | None, run_dir: str, say=print) -> str | None:
@@ -79,135 +89,185 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
 
 def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, should_stop, where,
          quiet: bool, say, hparams_experiment: bool = True) -> dict:
+    """The training loop, in the manner of nanoGPT's and torchvision's: every step a named function."""
     torch.manual_seed(cfg["run"]["seed"])
     accel.set_determinism(cfg["run"]["deterministic"])
     spec, placement, runtime, model, optimizer = build_run(cfg, where)
-    where_text = where.describe()
-    run_dir = cfg["run"]["dir"]
     train_loader, val_loader = data_from_config(cfg, placement, runtime)
-    o, t = cfg["optim"], cfg["train"]
-    schedule = LRSchedule(o["schedule"], o["lr"], t["epochs"], len(train_loader), o["patience"], o["max_drops"],
-                          o["step_size"], o["gamma"], o["warmup_epochs"])
-    start_epoch, step, wall_before, skip, carry = 0, 0, 0.0, 0, None
-    if resume_path:
-        ckpt = ckpt_io.load(resume_path)
-        ckpt_io.check_compatible(ckpt, cfg["model"], resume_path)
-        model.load_reference(ckpt["model"])
-        ckpt_io.load_optimizer_state(model, optimizer, ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        start_epoch, step, wall_before = ckpt["epoch"], ckpt["step"], ckpt["wall_s"]
-        skip, carry = ckpt.get("epoch_step", 0), ckpt.get("partial")
-        last_record = ckpt.get("record")
-    else:
-        last_record = None
-    log = RunLog(run_dir, runtime.is_main, start_epoch, step, last_record)
+    schedule = schedule_from_config(cfg, len(train_loader))
+    position = resume(resume_path, cfg, model, optimizer, schedule)
+    log = RunLog(cfg["run"]["dir"], runtime.is_main, position.epoch, position.step, position.record)
     log.layout()
     best_val = min((m["val_top1_err"] for m in log.history()), default=math.inf)  # for best.pt
-    per_replica = max(1, train_loader.batch_size // runtime.num_replicas)
-    batch_shape = (per_replica, spec.in_channels, spec.input_size, spec.input_size)
-    runner = accel.prepare(model, cfg, placement, batch_shape, say=say)
+    trainer = prepare_trainer(cfg, model, optimizer, placement, runtime, batch_shape(spec, train_loader, runtime), say)
+    t = cfg["train"]
     recordings = GraphRecordings() if t["compile"] and t["compile_mode"] == "reduce-overhead" else None
-    channels_last = accel.on_cuda(placement) and t["channels_last"]
-    if runtime.is_main:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(dump(cfg))
-    mb_per_step = 0.0
-    run_start = time.perf_counter()
-    stopped = False
-
-    def checkpoint(epochs_done: int, epoch_step: int = 0, partial: dict | None = None, weights="assemble",
-                   record: dict | None = None) -> None:
-        # Every rank takes part (shards are gathered); only the main process writes.
-        state = {"format": ckpt_io.FORMAT, "config": cfg, "epoch": epochs_done, "step": step,
-                 "epoch_step": epoch_step, "partial": partial, "record": record or last_record,
-                 # (None on ranks other than 0, which assemble nothing and write nothing)
-                 "model": ckpt_io.model_state(model) if isinstance(weights, str) else weights,
-                 "optimizer": ckpt_io.optimizer_state(model, optimizer),
-                 "schedule": schedule.state_dict(), "wall_s": wall_before + time.perf_counter() - run_start}
-        if runtime.is_main:
-            ckpt_io.save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
-        runtime.barrier()
-
-    for epoch in range(start_epoch, t["epochs"]):
-        train_loader.set_epoch(epoch, skip)
+    write_config(cfg, runtime)
+    clock = Clock(position.wall_s)
+    stopped, mb_per_step = False, 0.0
+    for epoch in range(position.epoch, t["epochs"]):
         epoch_start = time.perf_counter()
-        # disable=None: no bar when stderr is not a terminal (log files, pipes), so errors stay one line
-        bar = tqdm(total=len(train_loader), initial=skip, desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
-                   disable=True if quiet or not runtime.is_main else None, leave=False, dynamic_ncols=True)
-        placement.counter.reset()
-        step_before = step
-        try:
-            result = train_one_epoch(runner, train_loader, optimizer, schedule, placement, runtime, epoch, step,
-                                     cfg["run"]["seed"], t["precision"], progress=bar, log_every=t["log_every"],
-                                     should_stop=should_stop, carry=carry, channels_last=channels_last,
-                                     on_log=lambda s, loss, lr: (log.scalar("train/loss", loss, s),
-                                                                 log.scalar("train/lr", lr, s)))
-        except TrainingDiverged as e:
-            bar.close()
-            path = os.path.join(run_dir, "checkpoints", "last.pt")
-            kept = (f"the last checkpoint ({path}, epoch {epoch}) is kept" if os.path.isfile(path)
-                    else "no checkpoint had been written yet")
-            raise TrainingDiverged(f"{e}, epoch {epoch + 1}: nothing of this epoch is saved and {kept}; lower "
-                                   f"optim.lr (it is {o['lr']:g}) or check the data") from None
-        bar.close()
+        result = train_epoch(cfg, trainer, train_loader, schedule, epoch, position, log, should_stop, quiet)
         mb_per_step = result["comm_bytes_per_step"] / 1e6
-        step = result["step"]
-        epoch_step = skip + step - step_before
-        skip, carry = 0, None
+        epoch_step = position.epoch_step + result["step"] - position.step
         if result["stopped"] and epoch_step < len(train_loader):
             # Pre-empted mid-epoch: save the position and the epoch's partial sums.
-            checkpoint(epoch, epoch_step, result["partial"])
+            position = Position(epoch, result["step"], epoch_step, result["partial"], record=position.record)
+            save(cfg, trainer, schedule, position, clock)
             stopped = True
             break
-        val = evaluate(runner, val_loader, placement, runtime, t["precision"], channels_last)
-        lr_used = schedule.lr(step - 1, epoch)
-        schedule.end_epoch(val["val_top1_err"])
-        speed = mfu.throughput(result["images_per_s"], spec.macs(), mfu.device_name(placement.input_device))
-        record = {"epoch": epoch + 1, "step": step, "train_loss": result["train_loss"],
-                  "train_top1_err": result["train_top1_err"], "train_top5_err": result["train_top5_err"],
-                  "val_loss": val["val_loss"], "val_top1_err": val["val_top1_err"], "val_top5_err": val["val_top5_err"],
-                  "lr": lr_used, "images_per_s": result["images_per_s"],
-                  "tflops": speed["tflops"], "mfu": speed["mfu"],
-                  "cross_group_mb_per_step": mb_per_step,
-                  "epoch_s": time.perf_counter() - epoch_start, "data_replicas": runtime.num_replicas,
-                  "groups": spec.groups}
+        val = evaluate(trainer, val_loader)
+        record = epoch_record(spec, trainer, schedule, epoch, result, val, time.perf_counter() - epoch_start)
         # The checkpoint first, holding the epoch's record: metrics.jsonl never lists an epoch that no
         # checkpoint holds, and a crash between the two is repaired on resume (RunLog).
         weights = ckpt_io.model_state(model)  # on rank 0 only, which writes the checkpoint and the metrics
-        if weights is not None:
-            # the seed's claim, tested every epoch: are conv1 filters of one group more alike than across groups?
-            record["conv1_corr_within"], record["conv1_corr_between"] = within_between_correlation(
-                weights, spec.layer_groups["conv1"])
-        checkpoint(epoch + 1, weights=weights, record=record)
-        last_record = record  # what a mid-epoch checkpoint of the next epoch carries
-        if runtime.is_main and record["val_top1_err"] <= best_val:
-            best_val = record["val_top1_err"]
-            ckpt_io.copy_atomic(os.path.join(run_dir, "checkpoints", "last.pt"),
-                                os.path.join(run_dir, "checkpoints", "best.pt"))
+        add_filter_correlation(record, weights, spec)
+        position = Position(epoch + 1, result["step"], record=record)
+        save(cfg, trainer, schedule, position, clock, weights)
+        best_val = keep_best(cfg, runtime, record, best_val)
         log.epoch(record)
-        if runtime.is_main and not quiet:
-            print(f"epoch {epoch + 1}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "
-                  f"{record['val_top1_err']:.2f}%  top-5 {record['val_top5_err']:.2f}%  lr {lr_used:.3g}  "
-                  f"{record['images_per_s']:.0f} img/s  "
-                  f"{mfu.describe(record['images_per_s'], spec.macs(), placement.input_device)}  "
-                  f"{record['epoch_s']:.1f}s", flush=True)
-            if recordings is not None:
-                say(describe_recordings(recordings.take(), epoch_step, accel.on_cuda(placement)))
-        every = t["filter_images_every"]
-        if every and ((epoch + 1) % every == 0 or epoch + 1 == t["epochs"]):
-            log.filters(weights, spec.layer_groups["conv1"], epoch + 1)
-        if result["stopped"]:
-            stopped = True
-            break
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+        report_epoch(cfg, spec, trainer, record, recordings, epoch_step, say)
+        log_filters(cfg, log, weights, spec, epoch)
+        if result["stopped"] or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch):
+            stopped = result["stopped"]
             break
     if recordings is not None:
         recordings.close()
+    return finish(cfg, spec, where.describe(), runtime, log, clock, mb_per_step, stopped, hparams_experiment,
+                  train_loader.num_samples, val_loader.num_samples)
+
+
+def schedule_from_config(cfg: dict, steps_per_epoch: int) -> LRSchedule:
+    o = cfg["optim"]
+    return LRSchedule(o["schedule"], o["lr"], cfg["train"]["epochs"], steps_per_epoch, o["patience"], o["max_drops"],
+                      o["step_size"], o["gamma"], o["warmup_epochs"])
+
+
+def resume(path: str | None, cfg: dict, model, optimizer, schedule) -> Position:
+    """Load a checkpoint's weights, momentum and schedule; its position (the start when ``path`` is None)."""
+    if not path:
+        return Position()
+    ckpt = ckpt_io.load(path)
+    ckpt_io.check_compatible(ckpt, cfg["model"], path)
+    model.load_reference(ckpt["model"])
+    ckpt_io.load_optimizer_state(model, optimizer, ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    return Position.of(ckpt)
+
+
+def batch_shape(spec, train_loader, runtime) -> tuple[int, ...]:
+    """One replica's training batch (N, C, H, W), for timing conv formulations."""
+    return (max(1, train_loader.batch_size // runtime.num_replicas), spec.in_channels, spec.input_size,
+            spec.input_size)
+
+
+def write_config(cfg: dict, runtime) -> None:
+    if runtime.is_main:
+        with open(os.path.join(cfg["run"]["dir"], "config.yaml"), "w") as f:
+            f.write(dump(cfg))
+
+
+class Clock:
+    """Training wall time: earlier processes' (from the checkpoint) plus this one's."""
+
+    def __init__(self, before: float):
+        self.before, self.start = before, time.perf_counter()
+
+    def wall_s(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+
+def train_epoch(cfg: dict, trainer: Trainer, train_loader, schedule, epoch: int, position: Position, log,
+                should_stop, quiet: bool) -> dict:
+    """One epoch (from a mid-epoch position when resuming one) under a progress bar; a diverged loss
+    becomes one message that says what is kept and what to change."""
+    t, runtime = cfg["train"], trainer.runtime
+    skip, carry = position.epoch_step, position.partial  # (0, None) unless resuming mid-epoch
+    train_loader.set_epoch(epoch, skip)
+    # disable=None: no bar when stderr is not a terminal (log files, pipes), so errors stay one line
+    bar = tqdm(total=len(train_loader), initial=skip, desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
+               disable=True if quiet or not runtime.is_main else None, leave=False, dynamic_ncols=True)
+    trainer.placement.counter.reset()
+    hooks = EpochHooks(progress=bar, log_every=t["log_every"], should_stop=should_stop,
+                       on_log=lambda s, loss, lr: (log.scalar("train/loss", loss, s), log.scalar("train/lr", lr, s)))
+    try:
+        return train_one_epoch(trainer, train_loader, schedule, epoch, position.step, hooks, carry=carry)
+    except TrainingDiverged as e:
+        path = os.path.join(cfg["run"]["dir"], "checkpoints", "last.pt")
+        kept = (f"the last checkpoint ({path}, epoch {epoch}) is kept" if os.path.isfile(path)
+                else "no checkpoint had been written yet")
+        raise TrainingDiverged(f"{e}, epoch {epoch + 1}: nothing of this epoch is saved and {kept}; lower "
+                               f"optim.lr (it is {cfg['optim']['lr']:g}) or check the data") from None
+    finally:
+        bar.close()
+
+
+def epoch_record(spec, trainer: Trainer, schedule, epoch: int, result: dict, val: dict, epoch_s: float) -> dict:
+    """What metrics.jsonl and TensorBoard get for a finished epoch (the schedule sees the validation error)."""
+    lr_used = schedule.lr(result["step"] - 1, epoch)
+    schedule.end_epoch(val["val_top1_err"])
+    speed = mfu.throughput(result["images_per_s"], spec.macs(), mfu.device_name(trainer.placement.input_device))
+    return {"epoch": epoch + 1, "step": result["step"], "train_loss": result["train_loss"],
+            "train_top1_err": result["train_top1_err"], "train_top5_err": result["train_top5_err"],
+            "val_loss": val["val_loss"], "val_top1_err": val["val_top1_err"], "val_top5_err": val["val_top5_err"],
+            "lr": lr_used, "images_per_s": result["images_per_s"], "tflops": speed["tflops"], "mfu": speed["mfu"],
+            "cross_group_mb_per_step": result["comm_bytes_per_step"] / 1e6, "epoch_s": epoch_s,
+            "data_replicas": trainer.runtime.num_replicas, "groups": spec.groups}
+
+
+def add_filter_correlation(record: dict, weights: dict | None, spec) -> None:
+    """The seed's claim, tested every epoch: are conv1 filters of one group more alike than across groups?"""
+    if weights is not None:
+        record["conv1_corr_within"], record["conv1_corr_between"] = within_between_correlation(
+            weights, spec.layer_groups["conv1"])
+
+
+def save(cfg: dict, trainer: Trainer, schedule, position: Position, clock: Clock, weights="assemble") -> None:
+    """checkpoints/last.pt, atomically. Every rank takes part (shards are gathered to rank 0); only
+    rank 0 writes. ``weights``: reference-layout weights already assembled, else assembled here."""
+    model, runtime = trainer.model, trainer.runtime
+    model = getattr(model, "_orig_mod", model)  # the module under a torch.compile wrapper
+    position.wall_s = clock.wall_s()
+    state = ckpt_io.build(cfg, position, ckpt_io.model_state(model) if isinstance(weights, str) else weights,
+                          ckpt_io.optimizer_state(model, trainer.optimizer), schedule.state_dict())
+    if runtime.is_main:
+        ckpt_io.save_atomic(state, os.path.join(cfg["run"]["dir"], "checkpoints", "last.pt"))
+    runtime.barrier()
+
+
+def keep_best(cfg: dict, runtime, record: dict, best_val: float) -> float:
+    """checkpoints/best.pt: a copy of last.pt when this epoch's validation error is the lowest so far."""
+    if runtime.is_main and record["val_top1_err"] <= best_val:
+        folder = os.path.join(cfg["run"]["dir"], "checkpoints")
+        ckpt_io.copy_atomic(os.path.join(folder, "last.pt"), os.path.join(folder, "best.pt"))
+        return record["val_top1_err"]
+    return best_val
+
+
+def report_epoch(cfg: dict, spec, trainer: Trainer, record: dict, recordings, steps: int, say) -> None:
+    """The epoch's line on the console (and, under CUDA graphs, how often they were recorded)."""
+    t, placement = cfg["train"], trainer.placement
+    say(f"epoch {record['epoch']}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "
+        f"{record['val_top1_err']:.2f}%  top-5 {record['val_top5_err']:.2f}%  lr {record['lr']:.3g}  "
+        f"{record['images_per_s']:.0f} img/s  {mfu.describe(record['images_per_s'], spec.macs(), placement.input_device)}  "
+        f"{record['epoch_s']:.1f}s", flush=True)
+    if recordings is not None:
+        say(describe_recordings(recordings.take(), steps, accel.on_cuda(placement)))
+
+
+def log_filters(cfg: dict, log, weights, spec, epoch: int) -> None:
+    every = cfg["train"]["filter_images_every"]
+    if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg["train"]["epochs"]):
+        log.filters(weights, spec.layer_groups["conv1"], epoch + 1)
+
+
+def finish(cfg: dict, spec, where_text: str, runtime, log, clock: Clock, mb_per_step: float, stopped: bool,
+           hparams_experiment: bool, train_samples: int, val_samples: int) -> dict:
+    """The run's summary (summary.json and the HParams session once every epoch is done)."""
     history = log.history() if runtime.is_main else []
-    finished = bool(history) and history[-1]["epoch"] == t["epochs"]
-    summary = make_summary(cfg, spec, where_text, runtime, history, wall_before + time.perf_counter() - run_start,
-                           mb_per_step)
-    summary["settings"] = run_settings(cfg, where_text, train_loader.num_samples, val_loader.num_samples)
+    finished = bool(history) and history[-1]["epoch"] == cfg["train"]["epochs"]
+    summary = make_summary(cfg, spec, where_text, runtime, history, clock.wall_s(), mb_per_step)
+    summary["settings"] = run_settings(cfg, where_text, train_samples, val_samples)
     summary["stopped"] = stopped
     if finished:
         summary["hparams"] = run_hparams(cfg, spec, runtime)

@@ -129,7 +129,7 @@ def placement_for(groups: int, devices: list[str]):
 def main(argv=None, network=None, name: str = "resnext") -> int:
     """Train ``network(placement, in_channels=1)`` (default GroupResNeXt) on Fashion-MNIST; the
     training loop is alexnet.engine's, the runtime's gradient sync and all."""
-    from alexnet.engine import evaluate, train_one_epoch
+    from alexnet.engine import Trainer, evaluate, train_one_epoch
     from alexnet.logs import RunLog
     from alexnet.schedule import LRSchedule
     from data.errors import DataError
@@ -160,14 +160,15 @@ def main(argv=None, network=None, name: str = "resnext") -> int:
         return 2
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     schedule = LRSchedule("cosine", args.lr, args.epochs, len(train))
+    trainer = Trainer(model, optimizer, placement, runtime, seed=args.seed)
     log = RunLog(run_dir, runtime.is_main)
     step, start = 0, time.perf_counter()
     for epoch in range(args.epochs):
         train.set_epoch(epoch)
-        result = train_one_epoch(model, train, optimizer, schedule, placement, runtime, epoch, step, args.seed)
+        result = train_one_epoch(trainer, train, schedule, epoch, step)
         step = result["step"]
         record = {"epoch": epoch + 1, "step": step, "train_loss": result["train_loss"],
-                  "train_top1_err": result["train_top1_err"], **evaluate(model, val, placement, runtime),
+                  "train_top1_err": result["train_top1_err"], **evaluate(trainer, val),
                   "images_per_s": result["images_per_s"], "groups": args.groups,
                   "cross_group_mb_per_step": placement.counter.total() / 1e6}
         log.epoch(record)

@@ -47,9 +47,8 @@ def from_reference(state_path: str, config: str, overrides: list[str], out: str)
     except RuntimeError as e:
         raise ckpt_io.CheckpointError(f"{state_path!r} does not fit {config}: {ckpt_io.first_line(e)}") from None
     zeros = {k: torch.zeros_like(v) for k, v in state.items()}
-    ckpt = {"format": ckpt_io.FORMAT, "config": cfg, "epoch": 0, "step": 0, "epoch_step": 0, "partial": None,
-            "model": ref.state_dict(), "optimizer": {"momentum": zeros},
-            "schedule": LRSchedule("paper", 0.0, 1, 1).state_dict(), "wall_s": 0.0}
+    ckpt = ckpt_io.build(cfg, ckpt_io.Position(), ref.state_dict(), {"momentum": zeros},
+                         LRSchedule("paper", 0.0, 1, 1).state_dict())
     ckpt_io.save_atomic(ckpt, out)
     print(f"wrote {out}: checkpoint at epoch 0 for {config}")
 

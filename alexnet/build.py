@@ -42,11 +42,12 @@ class Where:
                 f"in each), fc layers over {self.fc_placement.describe()}")
 
 
-def placement_from_config(cfg: dict, spec: AlexNetSpec | None = None) -> Where:
+def placement_from_config(cfg: dict, spec: AlexNetSpec | None = None, counter=None) -> Where:
     """Where the groups live, and how this process coordinates with others.
 
     Slots (devices, or ranks per replica) must divide every layer's group count, so the
     placement is built for the spec's ``slot_groups`` (G itself when every layer has G).
+    ``counter``: the CommCounter to record into (a timed one for benchmarks); default a new one.
     """
     slot_groups = (spec or spec_from_config(cfg)).slot_groups
     p = cfg["parallel"]
@@ -55,12 +56,12 @@ def placement_from_config(cfg: dict, spec: AlexNetSpec | None = None) -> Where:
                              "torchrun --nproc-per-node K train.py ..., or use parallel.placement=local")
     if p["placement"] == "hybrid":
         from parallel.hybrid import init_hybrid_from_env
-        conv, fc, rows, runtime = init_hybrid_from_env(slot_groups, p["backend"], p["timeout_s"])
+        conv, fc, rows, runtime = init_hybrid_from_env(slot_groups, p["backend"], p["timeout_s"], counter)
         return Where(conv, runtime, fc, rows)
     if wants_distributed(cfg):
         from parallel.distributed import init_from_env
-        return Where(*init_from_env(slot_groups, p["backend"], p["timeout_s"]))
-    return Where(LocalPlacement(slot_groups, p["devices"]), LocalRuntime())
+        return Where(*init_from_env(slot_groups, p["backend"], p["timeout_s"], counter))
+    return Where(LocalPlacement(slot_groups, p["devices"], counter=counter), LocalRuntime())
 
 
 def data_from_config(cfg: dict, placement, runtime):

@@ -1,6 +1,7 @@
 """The training run: build everything from the config, train epoch by epoch, checkpoint, log, summarise."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -33,12 +34,15 @@ def build_run(cfg: dict, where=None):
     placement, runtime = where.placement, where.runtime
     model = GroupAlexNet(spec, placement, fc_placement=where.fc_placement, rows=where.rows)
     model.load_reference(init_reference_state(spec, cfg["run"]["seed"]))
+    return spec, placement, runtime, model, sgd_from_config(cfg, model.parameters(), placement)
+
+
+def sgd_from_config(cfg: dict, params, placement) -> torch.optim.SGD:
+    """The run's optimizer: SGD with momentum and weight decay as configured."""
     o = cfg["optim"]
     # fused: one kernel for the whole update on CUDA, instead of a few per parameter
     fused = True if accel.on_cuda(placement) else None
-    optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
-                                fused=fused)
-    return spec, placement, runtime, model, optimizer
+    return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"], fused=fused)
 
 
 def prepare_trainer(cfg: dict, model, optimizer, placement, runtime, batch_shape: tuple[int, ...], say=print) -> Trainer:
@@ -90,6 +94,7 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
 def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, should_stop, where,
          quiet: bool, say, hparams_experiment: bool = True) -> dict:
     """The training loop, in the manner of nanoGPT's and torchvision's: every step a named function."""
+    code_commit()  # read before training, so the summary names the code this run started with
     torch.manual_seed(cfg["run"]["seed"])
     accel.set_determinism(cfg["run"]["deterministic"])
     spec, placement, runtime, model, optimizer = build_run(cfg, where)
@@ -277,8 +282,13 @@ def finish(cfg: dict, spec, where_text: str, runtime, log, clock: Clock, mb_per_
     return summary
 
 
-def git_commit() -> str | None:
-    """The checkout's commit (with ``+changes`` when the tree differs from it), or None outside git."""
+@functools.cache
+def code_commit() -> str | None:
+    """The checkout's commit (with ``+changes`` when the tree differs from it), or None outside git.
+
+    Read once per process, at the first run's start (not at import), so a study that runs for
+    hours in one process keeps reporting the code it started with even if the checkout moves on.
+    """
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -291,18 +301,13 @@ def git_commit() -> str | None:
     return (commit + ("+changes" if dirty else "")) if commit else None
 
 
-# The commit of the code this process runs: read once, when it is imported, so a study that
-# runs for hours in one process keeps reporting the code it loaded even if the checkout moves on.
-CODE_COMMIT = git_commit()
-
-
 def run_settings(cfg: dict, where: str, train_samples: int, val_samples: int) -> dict:
     """What was run, for every artefact that reports the run: data, schedule, machine, code."""
     d, t = cfg["data"], cfg["train"]
     return {"dataset": d["dataset"], "epochs": t["epochs"], "batch_size": d["batch_size"], "lr": cfg["optim"]["lr"],
             "data_limit": d["limit"], "train_samples": train_samples, "val_samples": val_samples,
             "precision": t["precision"], "placement": where, "torch": torch.__version__,
-            "commit": CODE_COMMIT}
+            "commit": code_commit()}
 
 
 def run_hparams(cfg: dict, spec, runtime) -> dict:

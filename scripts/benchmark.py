@@ -37,22 +37,22 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from alexnet.build import spec_from_config  # noqa: E402
-from alexnet.config import load  # noqa: E402
-from alexnet.engine import autocast  # noqa: E402
-from alexnet.model import GroupAlexNet  # noqa: E402
-from alexnet.reference import ReferenceAlexNet  # noqa: E402
-from parallel import LocalPlacement  # noqa: E402
-from parallel.tuning import choose_conv_formulations  # noqa: E402
-from alexnet import mfu  # noqa: E402
+from alexnet.build import spec_from_config
+from alexnet.config import load
+from alexnet.build import placement_from_config
+from alexnet.engine import Trainer, train_step
+from alexnet.fit import build_run, prepare_trainer, sgd_from_config
+from alexnet.model import GroupAlexNet
+from alexnet.reference import ReferenceAlexNet
+from parallel import LocalPlacement, LocalRuntime
+from alexnet import mfu
+from benchlib import GEOMETRIES
 
-GEOMETRIES = {"paper": "configs/imagenet/g{G}.yaml", "fashion_mnist": "configs/fashion_mnist/g{G}.yaml"}
 
 
 class Setting:
@@ -75,36 +75,50 @@ class Setting:
         return x, torch.randint(0, spec.num_classes, (n,), generator=gen).to(self.device)
 
 
-def tune(model: GroupAlexNet, setting: Setting, x, eager: bool) -> list[dict]:
-    """On CUDA, pick each grouped conv's formulation as train.py does (conv_formulation: auto);
-    ``eager=False``: the model will also be compiled, so streams is not a candidate."""
-    if setting.device.type != "cuda":
-        return []
-
-    def forward_once():
-        with autocast(setting.precision, setting.device):
-            model(x)
-    return choose_conv_formulations(model, forward_once, eager=eager)
+def model_config(geometry: str, G: int, setting: Setting, compile_: bool) -> dict:
+    """train.py's config for timing ours on one fixed batch (dropout off: the reference has none to match)."""
+    return load(GEOMETRIES[geometry].format(G=G), [
+        "model.dropout=0.0", f"train.precision={setting.precision}",
+        f"train.channels_last={str(setting.channels_last).lower()}", f"train.compile={str(compile_).lower()}",
+        f"train.compile_mode={setting.compile_mode}", "train.conv_formulation=auto", "parallel.placement=local",
+        f"parallel.devices=[{setting.device}]"])
 
 
-def make_models(spec, setting: Setting, compile_too: bool, x) -> tuple[dict, list[dict]]:
-    slot = [str(setting.device)]
-    ours = setting.prepare(GroupAlexNet(spec, LocalPlacement(spec.groups, slot)))
-    choices = tune(ours, setting, x, eager=not compile_too)
-    models = {"ours": ours,
-              "ours/tLRN": setting.prepare(GroupAlexNet(spec, LocalPlacement(spec.groups, slot),
-                                                        lrn_module=nn.LocalResponseNorm)),
-              "reference": setting.prepare(ReferenceAlexNet(spec))}
-    for layer, chosen in zip(models["ours/tLRN"].modules(), ours.modules()):  # same choices, other LRN
+def train_py_trainer(cfg: dict, batch: int) -> tuple:
+    """(spec, Trainer) built exactly as train.py builds them: build_run, then the speed settings."""
+    spec, placement, runtime, model, optimizer = build_run(cfg)
+    shape = (batch, spec.in_channels, spec.input_size, spec.input_size)
+    return spec, prepare_trainer(cfg, model, optimizer, placement, runtime, shape, say=lambda *a, **k: None)
+
+
+def plain_trainer(model: nn.Module, cfg: dict, setting: Setting, placement=None) -> Trainer:
+    """A model train.py does not build (plain torch, torchvision) with train.py's optimizer and step."""
+    placement = placement or LocalPlacement(1, [str(setting.device)])
+    model = setting.prepare(model)
+    return Trainer(model, sgd_from_config(cfg, model.parameters(), placement), placement, LocalRuntime(),
+                   setting.precision, setting.channels_last)
+
+
+def make_trainers(geometry: str, G: int, setting: Setting, batch: int, compile_too: bool) -> tuple[dict, list]:
+    cfg = model_config(geometry, G, setting, False)
+    spec, ours = train_py_trainer(cfg, batch)
+    tlrn = GroupAlexNet(spec, LocalPlacement(spec.slot_groups, [str(setting.device)]), lrn_module=nn.LocalResponseNorm)
+    for layer, chosen in zip(tlrn.modules(), ours.model.modules()):  # the same conv choices, torch's LRN
         if hasattr(layer, "formulation"):
             layer.formulation = chosen.formulation
+    trainers = {"ours": ours, "ours/tLRN": plain_trainer(tlrn, cfg, setting, tlrn.placement),
+                "reference": plain_trainer(ReferenceAlexNet(spec), cfg, setting)}
     if spec.input_size >= 63 and spec.in_channels == 3:
         from torchvision.models import alexnet
-        models["torchvision"] = setting.prepare(alexnet(num_classes=spec.num_classes))
+        trainers["torchvision"] = plain_trainer(alexnet(num_classes=spec.num_classes), cfg, setting)
     if compile_too:
-        models["ours+compile"] = torch.compile(ours, mode=setting.compile_mode)
-        models["reference+compile"] = torch.compile(setting.prepare(ReferenceAlexNet(spec)), mode=setting.compile_mode)
-    return models, choices
+        _, trainers["ours+compile"] = train_py_trainer(model_config(geometry, G, setting, True), batch)
+        reference = plain_trainer(ReferenceAlexNet(spec), cfg, setting)
+        reference.model = torch.compile(reference.model, mode=setting.compile_mode)
+        trainers["reference+compile"] = reference
+    choices = [{"layer": m.name, "choice": m.formulation} for m in ours.model.modules()
+               if hasattr(m, "formulation") and max(m.slot_conv_groups) > 1] if setting.device.type == "cuda" else []
+    return spec, trainers, choices
 
 
 def sync(device):
@@ -112,43 +126,33 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_optimizer(model, device):
-    fused = True if device.type == "cuda" else None
-    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, fused=fused)
-
-
-def time_steps(model, x, y, steps, setting: Setting, opt=None) -> float:
-    """Seconds per step of forward + backward + SGD step."""
-    opt = opt or make_optimizer(model, setting.device)
-    sync(setting.device)
+def time_steps(trainer: Trainer, x, y, steps: int) -> float:
+    """Seconds per training step: train.py's own (``alexnet.engine.train_step``)."""
+    device = trainer.placement.output_device
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        with autocast(setting.precision, setting.device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    sync(setting.device)
+        train_step(trainer, x, y)
+    sync(device)
     return (time.perf_counter() - start) / steps
 
 
-def peak_memory(model, x, y, setting: Setting):
+def peak_memory(trainer: Trainer, x, y, setting: Setting):
     if setting.device.type != "cuda":
         return None
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(setting.device)
-    time_steps(model, x, y, 1, setting)
+    time_steps(trainer, x, y, 1)
     return torch.cuda.max_memory_allocated(setting.device) / 2**20
 
 
-def kernel_table(model, x, y, setting: Setting, opt, top: int) -> list[dict]:
+def kernel_table(trainer: Trainer, x, y, setting: Setting, top: int) -> list[dict]:
     """The ``top`` kernels (CUDA) or operators (CPU) of 3 training steps by total time, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
     cuda = setting.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        time_steps(model, x, y, 3, setting, opt)
+        time_steps(trainer, x, y, 3)
     attr = "device_time_total" if cuda else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
@@ -156,10 +160,10 @@ def kernel_table(model, x, y, setting: Setting, opt, top: int) -> list[dict]:
             for e in events[:top]]
 
 
-def profile_side_by_side(models: dict, x, y, setting: Setting, optimizers: dict, top: int = 12) -> dict:
+def profile_side_by_side(models: dict, x, y, setting: Setting, top: int = 12) -> dict:
     """Kernel tables of ours and the reference (compiled ones when timed), printed side by side."""
     pair = ("ours+compile", "reference+compile") if "ours+compile" in models else ("ours", "reference")
-    tables = {name: kernel_table(models[name], x, y, setting, optimizers[name], top) for name in pair}
+    tables = {name: kernel_table(models[name], x, y, setting, top) for name in pair}
     print(f"  {pair[0]:<52}{'ms':>8}{'n':>5}   {pair[1]:<52}{'ms':>8}{'n':>5}")
     for i in range(top):
         cells = []
@@ -173,16 +177,14 @@ def profile_side_by_side(models: dict, x, y, setting: Setting, optimizers: dict,
 
 def bench(geometry: str, G: int, setting: Setting, batch: int, steps: int, rounds: int,
           compile_too: bool = False, profile: bool = False) -> dict:
-    spec = spec_from_config(load(GEOMETRIES[geometry].format(G=G), ["model.dropout=0.0"]))
+    spec, models, choices = make_trainers(geometry, G, setting, batch, compile_too)
     x, y = setting.batch(spec, batch)
-    models, choices = make_models(spec, setting, compile_too, x)
-    optimizers = {name: make_optimizer(m, setting.device) for name, m in models.items()}
-    for name, m in models.items():  # warm-up: allocator, kernel selection, compilation
-        time_steps(m, x, y, 3, setting, optimizers[name])
+    for m in models.values():  # warm-up: allocator, kernel selection, compilation
+        time_steps(m, x, y, 3)
     per_round = {name: [] for name in models}
     for _ in range(rounds):
         for name, m in models.items():
-            per_round[name].append(time_steps(m, x, y, steps, setting, optimizers[name]))
+            per_round[name].append(time_steps(m, x, y, steps))
     out = {}
     device_name = mfu.device_name(setting.device)
     for name, m in models.items():
@@ -191,7 +193,7 @@ def bench(geometry: str, G: int, setting: Setting, batch: int, steps: int, round
         speed = mfu.throughput(batch / sec, spec.macs(), device_name) if name != "torchvision" else {}
         out[name] = {"images_per_s": batch / sec, "step_ms": 1000 * sec, "tflops": speed.get("tflops"),
                      "mfu": speed.get("mfu"), "peak_mib": peak_memory(m, x, y, setting)}
-    tables = profile_side_by_side(models, x, y, setting, optimizers) if profile else None
+    tables = profile_side_by_side(models, x, y, setting) if profile else None
     ref = out["reference"]["images_per_s"]
     for r in out.values():
         r["ratio_to_reference"] = r["images_per_s"] / ref
@@ -237,16 +239,17 @@ def print_table(results: list[dict]) -> None:
 def _dist_worker(rank: int, world: int, store: str, geometry: str, batch: int, steps: int, backend: str, out: str):
     import torch.distributed as dist
     from parallel import CommCounter
-    from parallel.distributed import init_from_env, join_spawned_world
+    from parallel.distributed import join_spawned_world
     join_spawned_world(rank, world, store, backend)
-    spec = spec_from_config(load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"]))
-    placement, _ = init_from_env(world, backend, counter=CommCounter(timed=True))
-    model = GroupAlexNet(spec, placement)
-    setting = Setting(placement.device)
-    x, y = setting.batch(spec, batch)
-    time_steps(model, x, y, 2, setting)
+    cfg = load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0", "parallel.placement=distributed",
+                                                       f"parallel.backend={backend}"])
+    where = placement_from_config(cfg, counter=CommCounter(timed=True))
+    spec, placement, runtime, model, optimizer = build_run(cfg, where)
+    trainer = Trainer(model, optimizer, placement, runtime)
+    x, y = Setting(placement.device).batch(spec, batch)
+    time_steps(trainer, x, y, 2)
     placement.counter.reset()
-    sec = time_steps(model, x, y, steps, setting)
+    sec = time_steps(trainer, x, y, steps)
     comm = placement.counter.seconds / steps
     if rank == 0:
         with open(out, "w") as f:
@@ -256,7 +259,7 @@ def _dist_worker(rank: int, world: int, store: str, geometry: str, batch: int, s
 
 
 def bench_distributed(geometry: str, device, batch: int, steps: int) -> list[dict]:
-    from scripts.ranks import spawn_and_read
+    from benchlib import spawn_and_read
     cuda = device.type == "cuda"
     results = []
     for world in (1, 2, 4):
@@ -296,15 +299,11 @@ def e2e_config(source: str, G: int, setting: Setting, batch: int, compile_: bool
 
 def model_only_like(cfg: dict, steps: int, rounds: int) -> float:
     """Images/s of train.py's own model and settings (incl. compile) on one fixed batch: no loader."""
-    from alexnet import accel
-    from alexnet.fit import build_run
-    spec, placement, _, model, optimizer = build_run(cfg)
-    setting = Setting(placement.input_device, cfg["train"]["precision"],
-                      accel.on_cuda(placement) and cfg["train"]["channels_last"])
-    x, y = setting.batch(spec, cfg["data"]["batch_size"])
-    runner = accel.prepare(model, cfg, placement, tuple(x.shape), say=lambda *a: None)
-    time_steps(runner, x, y, 3, setting, optimizer)
-    sec = statistics.median(time_steps(runner, x, y, steps, setting, optimizer) for _ in range(rounds))
+    spec, trainer = train_py_trainer(cfg, cfg["data"]["batch_size"])
+    x, y = Setting(trainer.placement.input_device, channels_last=trainer.channels_last).batch(
+        spec, cfg["data"]["batch_size"])
+    time_steps(trainer, x, y, 3)
+    sec = statistics.median(time_steps(trainer, x, y, steps) for _ in range(rounds))
     return cfg["data"]["batch_size"] / sec
 
 
@@ -422,7 +421,7 @@ def main(argv=None) -> int:
     if "jpeg" in args.e2e and not args.jpeg_root:
         import tempfile
 
-        from scripts.make_jpeg_tree import make_tree
+        from make_jpeg_tree import make_tree
         args.jpeg_root = tempfile.mkdtemp(prefix="jpeg-tree-")
         start = time.perf_counter()
         jpeg_info = make_tree(args.jpeg_root, args.jpeg_files, 512, 10)
@@ -453,7 +452,7 @@ def main(argv=None) -> int:
                   f"{r['comm_ms']:>14.1f}{r['step_ms']:>10.1f}{r['mb_per_step']:>9.2f}")
     exchanges = []
     if args.exchanges:
-        from scripts import exchange_benchmark
+        import exchange_benchmark
         exchanges = exchange_benchmark.run([2, 4], "fashion_mnist", args.batch or 128, args.steps or 5, args.rounds,
                                            "cuda" if cuda else "cpu")
         exchange_benchmark.print_rows(exchanges)

@@ -22,18 +22,17 @@ import time
 
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alexnet.checkpoint import CheckpointError  # noqa: E402
-from alexnet.config import ConfigError, load  # noqa: E402
-from alexnet.engine import TrainingDiverged  # noqa: E402
-from alexnet.fit import fit  # noqa: E402
-from alexnet.spec import SpecError  # noqa: E402
-from data.errors import DataError  # noqa: E402
-from parallel.placement import PlacementError  # noqa: E402
-from alexnet.hparams import write_study_experiment  # noqa: E402
-from scripts.study_report import build_report  # noqa: E402
-from scripts.study_stats import EQUIVALENCE_MARGIN  # noqa: E402
+from alexnet.checkpoint import CheckpointError
+from alexnet.config import ConfigError, load
+from alexnet.engine import TrainingDiverged
+from alexnet.fit import fit
+from alexnet.spec import SpecError
+from data.errors import DataError
+from parallel.placement import PlacementError
+from alexnet.hparams import write_study_experiment
+from study_report import build_report
+from study_stats import EQUIVALENCE_MARGIN
 
 
 def plan(config_dir: str, configs: list, seeds: list[int], overrides: list[str],

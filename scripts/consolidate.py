@@ -16,16 +16,15 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from alexnet import checkpoint as ckpt_io  # noqa: E402
-from alexnet.build import spec_from_config  # noqa: E402
-from alexnet.config import ConfigError, load  # noqa: E402
-from alexnet.reference import ReferenceAlexNet  # noqa: E402
-from alexnet.schedule import LRSchedule  # noqa: E402
-from alexnet.spec import SpecError  # noqa: E402
+from alexnet import checkpoint as ckpt_io
+from alexnet.build import spec_from_config
+from alexnet.config import ConfigError, load
+from alexnet.reference import ReferenceAlexNet
+from alexnet.schedule import LRSchedule
+from alexnet.spec import SpecError
 
 
 def to_reference(ckpt_path: str, out: str) -> None:

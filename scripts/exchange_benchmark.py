@@ -24,15 +24,12 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
 
-from scripts.ranks import spawn_and_read  # noqa: E402
+from benchlib import GEOMETRIES, spawn_and_read
 
 VARIANTS = ("all-gather", "shuffle", "hybrid")
-GEOMETRIES = {"paper": "configs/imagenet/g{G}.yaml", "fashion_mnist": "configs/fashion_mnist/g{G}.yaml"}
 
 
 def _worker(rank: int, world: int, store: str, geometry: str, batch: int, steps: int, rounds: int, backend: str,
@@ -40,15 +37,16 @@ def _worker(rank: int, world: int, store: str, geometry: str, batch: int, steps:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     import torch.distributed as dist
 
-    from alexnet.build import spec_from_config
+    from alexnet.build import placement_from_config, spec_from_config
     from alexnet.config import load
+    from alexnet.engine import Trainer, train_step
+    from alexnet.fit import build_run, sgd_from_config
     from alexnet.model import GroupAlexNet
     from parallel import CommCounter
     from parallel.distributed import DistributedPlacement, init_process_group_from_env, join_spawned_world
     from parallel.roles import split_over
     from parallel.hybrid import HybridRuntime, RowExchange
     from parallel.placement import LocalPlacement
-    from parallel.runtime import DistributedRuntime
     join_spawned_world(rank, world, store, backend)
     device, _, _, _ = init_process_group_from_env(backend)
     base = load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"])
@@ -61,33 +59,34 @@ def _worker(rank: int, world: int, store: str, geometry: str, batch: int, steps:
     runs = {}
     for name in VARIANTS:
         counter = CommCounter(timed=True)
-        cfg = load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"] +
-                   (["model.exchange.conv3=shuffle"] if name == "shuffle" else []))
-        spec = spec_from_config(cfg)
+        cfg = load(GEOMETRIES[geometry].format(G=world), [
+            "model.dropout=0.0", f"parallel.backend={backend}",
+            "parallel.placement=" + ("local" if name == "hybrid" else "distributed")] +
+            (["model.exchange.conv3=shuffle"] if name == "shuffle" else []))
         if name == "hybrid":
+            # train.py's hybrid (parallel.hybrid.init_hybrid_from_env) but for one thing: the conv groups,
+            # which share one device, count into a counter of their own, as their exchange is no traffic
+            # between processes
             fc = DistributedPlacement(world, world, world_pg, rank, device, counter=counter)
             runtime = HybridRuntime(world_pg, None, rank, rank, world, device, counter=counter)
-            # the conv groups share one device here: their exchange is no traffic between processes
-            model = GroupAlexNet(spec, LocalPlacement(world, [str(device)], counter=CommCounter()), fc_placement=fc,
+            conv = LocalPlacement(world, [str(device)], counter=CommCounter())
+            model = GroupAlexNet(spec_from_config(cfg), conv, fc_placement=fc,
                                  rows=RowExchange(world_pg, rank, world, device, counter))
             inputs, labels = x[mine], y[mine]
             # the conv weights' gradient all-reduce, as a ring moves it: every rank receives 2 (K-1)/K of them
             conv_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if split_over(p) is None)
             counter.record("conv_grad_allreduce", 0, 2 * (world - 1) * conv_bytes)
-        else:
-            model = GroupAlexNet(spec, DistributedPlacement(world, world, world_pg, rank, device, counter=counter))
-            runtime = DistributedRuntime(None, None, rank, 0, 1, device, counter=counter)
+            trainer = Trainer(model, sgd_from_config(cfg, model.parameters(), fc), fc, runtime)
+        else:  # train.py's distributed placement, built by train.py's code
+            where = placement_from_config(cfg, counter=counter)
+            _, placement, runtime, model, optimizer = build_run(cfg, where)
+            trainer = Trainer(model, optimizer, placement, runtime)
             inputs, labels = x, y
-        runs[name] = (model, runtime, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), inputs, labels,
-                      counter)
+        runs[name] = (trainer, inputs, labels, counter)
 
     def step(name: str) -> None:
-        model, runtime, opt, inputs, labels, _ = runs[name]
-        loss = F.cross_entropy(model(inputs), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        runtime.sync_gradients(model.parameters())
-        opt.step()
+        trainer, inputs, labels, _ = runs[name]
+        train_step(trainer, inputs, labels)
 
     def sync():
         if device.type == "cuda":
@@ -100,7 +99,7 @@ def _worker(rank: int, world: int, store: str, geometry: str, batch: int, steps:
     comm = {name: [] for name in VARIANTS}
     for _ in range(rounds):
         for name in VARIANTS:
-            counter = runs[name][5]
+            counter = runs[name][3]
             counter.seconds = 0.0
             sync()
             start = time.perf_counter()
@@ -112,8 +111,8 @@ def _worker(rank: int, world: int, store: str, geometry: str, batch: int, steps:
     if rank == 0:
         result = {name: {"step_ms": 1000 * statistics.median(times[name]),
                          "comm_ms": 1000 * statistics.median(comm[name]),
-                         "mb_per_step": runs[name][5].total() / 1e6,
-                         "bytes_by_layer": runs[name][5].snapshot()} for name in VARIANTS}
+                         "mb_per_step": runs[name][3].total() / 1e6,
+                         "bytes_by_layer": runs[name][3].snapshot()} for name in VARIANTS}
         with open(out, "w") as f:
             json.dump(result, f)
     dist.destroy_process_group()

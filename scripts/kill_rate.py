@@ -87,6 +87,12 @@ BUGS = [
     ("GPU decode never flips", "data/device_decode.py",
      "flip = (u[:, 2] < 0.5).to(device, non_blocking=True)", "flip = (u[:, 2] < 0.0).to(device, non_blocking=True)",
      ["tests/test_device_decode.py"]),
+    ("the caller's stream reads the outputs without waiting for the side streams", "parallel/streams.py",
+     "        main.wait_stream(side)\n", "", ["tests/test_speed_paths.py"]),
+    ("training FLOPs counted as one forward pass (2 x MACs)", "alexnet/mfu.py",
+     "return 6.0 * macs", "return 2.0 * macs", ["tests/test_speed_paths.py"]),
+    ("a mid-epoch checkpoint resumes at the epoch's first step", "alexnet/checkpoint.py",
+     'ckpt.get("epoch_step", 0)', "0", ["tests/test_reliability.py"]),
 ]
 
 

@@ -14,14 +14,13 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from alexnet.lrn import local_response_norm  # noqa: E402
-from alexnet.spec import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE  # noqa: E402
+from alexnet.lrn import local_response_norm
+from alexnet.spec import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE
 
 
 def slices_autograd(x, groups):

@@ -14,11 +14,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alexnet.build import spec_from_config  # noqa: E402
-from alexnet.config import ConfigError, load  # noqa: E402
-from alexnet.spec import SpecError  # noqa: E402
+from alexnet.build import spec_from_config
+from alexnet.config import ConfigError, load
+from alexnet.spec import SpecError
 
 
 def table(spec) -> str:

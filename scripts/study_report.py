@@ -22,10 +22,7 @@ import statistics
 
 from alexnet.spec import groups_label
 
-try:
-    from scripts.study_stats import EQUIVALENCE_MARGIN, difference, verdict
-except ImportError:  # run as a file: scripts/ is on sys.path
-    from study_stats import EQUIVALENCE_MARGIN, difference, verdict
+from study_stats import EQUIVALENCE_MARGIN, difference, verdict
 
 RUN_NAME = re.compile(r"^(.+)-s(\d+)$")
 BASELINE = "g1"

@@ -15,11 +15,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alexnet import checkpoint as ckpt_io  # noqa: E402
-from alexnet.build import spec_from_config  # noqa: E402
-from alexnet.filters import (conv1_all_groups_image, filter_correlation, input_group_share,  # noqa: E402
+from alexnet import checkpoint as ckpt_io
+from alexnet.build import spec_from_config
+from alexnet.filters import (conv1_all_groups_image, filter_correlation, input_group_share,
                              within_between_correlation)
 
 

@@ -6,6 +6,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# the scripts run from the checkout (they are not installed); tests import them as python scripts/x.py does
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from alexnet.spec import AlexNetSpec  # noqa: E402
 

@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from scripts import compare_groups
-from scripts.study_report import build_report
+import compare_groups
+from study_report import build_report
 
 SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.yaml")
 
@@ -147,7 +147,7 @@ def test_smoke_run_events_hold_hparams_and_filter_images(tmp_path):
 def test_visualize_filters_writes_pngs(tmp_path):
     from alexnet.config import load
     from alexnet.fit import fit
-    from scripts.visualize_filters import main
+    from visualize_filters import main
     fit(load("configs/smoke.yaml", [f"run.dir={tmp_path / 'run'}", "train.epochs=1"]), quiet=True)
     assert main([str(tmp_path / "run" / "checkpoints" / "last.pt"), "--out", str(tmp_path / "png")]) == 0
     for name in ("conv1_filters.png", "conv1_correlation.png", "conv3_input_group_share.png"):
@@ -170,7 +170,7 @@ def test_runner_refuses_a_run_folder_with_other_settings(tmp_path, monkeypatch):
 
 
 def test_confidence_intervals_paired_and_welch():
-    from scripts.study_stats import difference, t975, verdict
+    from study_stats import difference, t975, verdict
     assert t975(2) == 4.303 and t975(1e9) == pytest.approx(1.960, abs=1e-3) and 2.042 < t975(25) < 2.086
     # paired: differences 1, 2, 3 -> mean 2, sd 1, n 3: 2 +- 4.303 / sqrt(3)
     d = difference({0: 10.0, 1: 11.0, 2: 12.0}, {0: 11.0, 1: 13.0, 2: 15.0})
@@ -189,7 +189,7 @@ def test_confidence_intervals_paired_and_welch():
 
 
 def test_verdict_tells_equal_within_a_margin_from_inconclusive_and_from_a_difference():
-    from scripts.study_stats import difference, verdict
+    from study_stats import difference, verdict
     base = {s: 12.0 + 0.1 * s for s in range(5)}
     # the measured case: -0.01 points, 95% CI about [-0.20, +0.18]: equal within 0.5 points
     narrow = difference(base, {0: 11.90, 1: 12.15, 2: 12.12, 3: 12.35, 4: 12.33})

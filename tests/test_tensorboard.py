@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from alexnet.hparams import METRICS, STUDY_HPARAMS
-from scripts import compare_groups
+import compare_groups
 from test_study import write_family
 
 

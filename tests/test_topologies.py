@@ -171,7 +171,7 @@ def test_hybrid_placement_matches_one_process(groups, world, batch, tmp_path):
 
 def test_exchange_benchmark_reports_the_three_variants():
     """The benchmark runs (gloo, 2 processes, a tiny batch); its byte column follows the counting rule."""
-    from scripts import exchange_benchmark
+    import exchange_benchmark
     rows = {r["variant"]: r for r in exchange_benchmark.run([2], "fashion_mnist", 8, 1, 1, "cpu")}
     assert set(rows) == {"all-gather", "shuffle", "hybrid"}
     assert all(r["step_ms"] > 0 and r["comm_ms"] > 0 for r in rows.values())

@@ -1,4 +1,4 @@
-"""Spawn K local processes for a benchmark and read what rank 0 wrote."""
+"""What the benchmark scripts share: the geometries they time, and spawning K local ranks."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,9 @@ import os
 import tempfile
 
 import torch.multiprocessing as mp
+
+# train.py's configs for the paper's 227x227 AlexNet and the Fashion-MNIST one, by G
+GEOMETRIES = {"paper": "configs/imagenet/g{G}.yaml", "fashion_mnist": "configs/fashion_mnist/g{G}.yaml"}
 
 
 def spawn_and_read(worker, world: int, *args) -> dict:

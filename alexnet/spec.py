@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from parallel.comm import exchange_bytes
+
 CONV_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
 FC_NAMES = ("fc6", "fc7", "fc8")
 CROSSABLE = CONV_NAMES[1:] + FC_NAMES
@@ -44,16 +46,24 @@ class LayerInfo:
     kernel: int
     stride: int
     padding: int
-    cross: bool               # sees every group's input (all-gather before it)
-    grouped: bool             # block-diagonal over groups (own or shuffled input)
     groups: int               # this layer's G
-    exchange: str             # replicated (conv1), all, own or shuffle
+    exchange: str             # what reaches it from other groups: replicated (conv1), all, own or shuffle
     input_groups: int         # G of the layer that produced its input
     in_shape: tuple[int, ...]  # (C, H, W) or (F,)
     out_shape: tuple[int, ...]
     params: int
     macs: int                 # weight multiply-accumulates: weights x output positions
     input_numel: int          # per image; what a cross-group layer gathers
+
+    @property
+    def cross(self) -> bool:
+        """Sees every group's input (all-gathered before it)."""
+        return self.exchange == "all"
+
+    @property
+    def grouped(self) -> bool:
+        """Block-diagonal over groups (its own or a shuffled input)."""
+        return self.exchange in ("own", "shuffle")
 
 
 @dataclass
@@ -190,7 +200,7 @@ class AlexNetSpec:
             oh = (h + 2 * p - k) // s + 1
             in_per_filter = c // G if grouped else c
             weights = oc * in_per_filter * k * k
-            out.append(LayerInfo(name, "conv", c, oc, k, s, p, how == "all", grouped, G, how, previous,
+            out.append(LayerInfo(name, "conv", c, oc, k, s, p, G, how, previous,
                                  (c, h, h), (oc, oh, oh), weights + oc, weights * oh * oh, c * h * h))
             c, h, previous = oc, oh, G
             if name in POOL_AFTER:
@@ -199,7 +209,7 @@ class AlexNetSpec:
         for name, oc in zip(FC_NAMES, self.fc_widths + [self.num_classes]):
             G, how = groups[name], self.exchange_of(name)
             weights = oc * (f if how == "all" else f // G)
-            out.append(LayerInfo(name, "fc", f, oc, 1, 1, 0, how == "all", how != "all", G, how, previous,
+            out.append(LayerInfo(name, "fc", f, oc, 1, 1, 0, G, how, previous,
                                  (f,), (oc,), weights + oc, weights, f))
             f, previous = oc, G
         return out
@@ -219,9 +229,7 @@ class AlexNetSpec:
         """
         out = {}
         for layer in self.layers():
-            total = batch * layer.input_numel * bytes_per_element
-            if layer.exchange == "all":
-                out[layer.name] = (layer.input_groups - 1) * total
-            elif layer.exchange == "shuffle":
-                out[layer.name] = total * (layer.groups - 1) // layer.groups
+            if layer.exchange in ("all", "shuffle"):
+                groups = layer.input_groups if layer.exchange == "all" else layer.groups
+                out[layer.name] = exchange_bytes(layer.exchange, batch * layer.input_numel * bytes_per_element, groups)
         return out

@@ -90,22 +90,29 @@ class CommCounter:
         return dict(self.bytes)
 
 
-def all_gather_bytes(total_bytes: int, group_sizes) -> int:
-    """Bytes received at an all-gather: every group receives every other group's share.
+def exchange_bytes(exchange: str, total_bytes: int, groups) -> int:
+    """Forward bytes a layer's input moves between groups per step: the one byte rule.
 
-    ``total_bytes`` is the whole gathered activation, ``group_sizes[g]`` group g's share of
-    the gathered dimension; with G equal shares this is (G - 1) * total_bytes. Both
-    placements count by this rule (also for the logits), so the number does not depend on
-    where the groups live.
+    ``total_bytes``: the whole input (every group's share); ``groups``: G, or the groups'
+    shares of the exchanged dimension (uneven splits).
+    ``all`` (all-gather): every group receives every other group's share, (G - 1) x
+      total_bytes for G equal shares;
+    ``shuffle``: group g keeps its own 1/G slice of its maps and receives the g-th 1/G
+      slice of every other group's, (G - 1) / G x total_bytes;
+    ``own``, ``replicated``: nothing.
+    The backward pass returns as many bytes of gradients. Every placement counts by this
+    rule (and the logits' gather as ``all``), and the spec's per-layer table too, so the
+    number does not depend on where the groups live.
     """
-    whole = sum(group_sizes)
-    return sum(total_bytes - total_bytes * size // whole for size in group_sizes)
-
-
-def shuffle_bytes(total_bytes: int, groups: int) -> int:
-    """Bytes received at a channel shuffle: group g keeps its own 1/G slice of its maps and
-    receives the g-th 1/G slice of every other group's, (G - 1) / G * total_bytes in all."""
-    return total_bytes * (groups - 1) // groups
+    sizes = [1] * groups if isinstance(groups, int) else list(groups)
+    if exchange == "all":
+        whole = sum(sizes)
+        return sum(total_bytes - total_bytes * size // whole for size in sizes)
+    if exchange == "shuffle":
+        return total_bytes * (len(sizes) - 1) // len(sizes)
+    if exchange in ("own", "replicated"):
+        return 0
+    raise ValueError(f"exchange must be all, shuffle, own or replicated, got {exchange!r}")
 
 
 class _GatherToDevices(torch.autograd.Function):

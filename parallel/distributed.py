@@ -17,8 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.comm import (CommCounter, all_gather_bytes, all_gather_for_distinct_consumers,
-                           all_gather_for_replicated_consumer, all_to_all_shuffle, shuffle_bytes, shuffle_to_devices)
+from parallel.comm import (CommCounter, all_gather_for_distinct_consumers, all_gather_for_replicated_consumer,
+                           all_to_all_shuffle, exchange_bytes, shuffle_to_devices)
 from parallel.placement import PlacementError, Slot
 from parallel.runtime import DistributedRuntime
 from parallel.sharded import slot_sizes
@@ -95,7 +95,7 @@ class DistributedPlacement:
         """All-gather this slot's shard over the "group" dimension (backward: reduce-scatter)."""
         (shard,) = shards
         sizes = slot_sizes(group_sizes, self.num_slots)
-        nbytes = all_gather_bytes(self._whole_bytes(shard, sizes), group_sizes)
+        nbytes = exchange_bytes("all", self._whole_bytes(shard, sizes), group_sizes)
         self.counter.record(name, nbytes, nbytes)
         return [all_gather_for_distinct_consumers(shard, self.group_pg, dim, sizes, self.group_index, self.counter)]
 
@@ -103,13 +103,13 @@ class DistributedPlacement:
         """All-gather the logits; every rank computes the same loss, so backward keeps its own slice."""
         (shard,) = shards
         sizes = slot_sizes(group_sizes, self.num_slots)
-        self.counter.record(name, all_gather_bytes(self._whole_bytes(shard, sizes), group_sizes), 0)
+        self.counter.record(name, exchange_bytes("all", self._whole_bytes(shard, sizes), group_sizes), 0)
         return all_gather_for_replicated_consumer(shard, self.group_pg, dim, sizes, self.group_index, self.counter)
 
     def shuffle(self, shards: list[torch.Tensor], name: str, groups: int) -> list[torch.Tensor]:
         """Channel shuffle over ``groups`` groups as one all-to-all over the "group" dimension."""
         (shard,) = shards
-        nbytes = shuffle_bytes(shard.numel() * shard.element_size() * self.num_slots, groups)
+        nbytes = exchange_bytes("shuffle", shard.numel() * shard.element_size() * self.num_slots, groups)
         self.counter.record(name, nbytes, nbytes)
         if self.num_slots == 1:  # one slot: the shuffle is a permutation inside it
             return shuffle_to_devices([shard], [self.device], groups)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.comm import CommCounter, all_gather_bytes, all_gather_for_distinct_consumers, features_to_rows
+from parallel.comm import CommCounter, all_gather_for_distinct_consumers, exchange_bytes, features_to_rows
 from parallel.distributed import DistributedPlacement, init_process_group_from_env
 from parallel.placement import LocalPlacement
 from parallel.roles import split_over
@@ -60,7 +60,7 @@ class RowExchange:
         """All ranks' rows of ``x`` (dim 0; ``sizes``: every rank's rows), in rank order;
         backward: each rank's rows, summed over the ranks that read them (a reduce-scatter)."""
         whole = x.numel() * x.element_size() * sum(sizes) // max(1, x.shape[0])
-        nbytes = all_gather_bytes(whole, sizes)
+        nbytes = exchange_bytes("all", whole, sizes)
         self.counter.record(name, nbytes, nbytes)
         return all_gather_for_distinct_consumers(x.contiguous(), self.pg, 0, sizes, self.index, self.counter)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.comm import CommCounter, all_gather_bytes, gather_to_devices, shuffle_bytes, shuffle_to_devices
+from parallel.comm import CommCounter, exchange_bytes, gather_to_devices, shuffle_to_devices
 
 
 class PlacementError(ValueError):
@@ -149,7 +149,7 @@ class LocalPlacement:
         the backward pass sums the gradients from every consumer back onto each shard.
         ``group_sizes``: each group's share of ``dim`` (from the ``Sharded`` activation).
         """
-        nbytes = all_gather_bytes(_nbytes(shards), group_sizes)
+        nbytes = exchange_bytes("all", _nbytes(shards), group_sizes)
         # Recorded even with one slot: the groups inside it still "exchange" their maps,
         # so the counter does not depend on the placement.
         self.counter.record(name, nbytes, nbytes)
@@ -162,14 +162,14 @@ class LocalPlacement:
         receives the other groups' shares (one process per group does exactly that, so each
         computes the loss), and the backward pass moves nothing (each keeps its own slice).
         """
-        self.counter.record(name, all_gather_bytes(_nbytes(shards), group_sizes), 0)
+        self.counter.record(name, exchange_bytes("all", _nbytes(shards), group_sizes), 0)
         return gather_to_devices(shards, [self.output_device], dim)[0]
 
     def shuffle(self, shards: list[torch.Tensor], name: str, groups: int) -> list[torch.Tensor]:
         """Channel shuffle (dim 1) over ``groups`` equal groups: group g receives the g-th 1/G
         slice of every group's maps. Between slots, a copy of each piece; inside a slot, a
         permutation. Counted as (G - 1) / G of the maps each way, whatever the slots."""
-        nbytes = shuffle_bytes(_nbytes(shards), groups)
+        nbytes = exchange_bytes("shuffle", _nbytes(shards), groups)
         self.counter.record(name, nbytes, nbytes)
         return shuffle_to_devices(shards, [s.device for s in self.slots], groups)
 

@@ -9,7 +9,7 @@ Fashion-MNIST one) it times, on the same batch:
   torchvision   torchvision.models.alexnet (64/192/384/256/256, no groups/LRN; paper geometry only)
   ours+compile, reference+compile   with --compile: both under torch.compile
 Rounds alternate the models so drift hits all of them alike; the median round counts.
---precision bf16 runs under autocast, --channels-last uses NHWC for every model.
+--precision bf16 runs under autocast, --channels-last uses NHWC for every model (CUDA only, as train.py).
 
 --e2e fake|fashion_mnist|jpeg runs train.py's own loop (alexnet.fit) over fake data, Fashion-MNIST,
 or a generated JPEG tree (500x375, ~55 KB, written by parallel processes; decoded on the GPU
@@ -365,7 +365,7 @@ def print_e2e(rows: list[dict]) -> None:
     print("images/s of train.py's loop (epochs after the first) and of the same model and settings on one fixed batch")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--geometry", nargs="+", default=None, choices=list(GEOMETRIES),
@@ -398,25 +398,35 @@ def main(argv=None) -> int:
                    help="also time all-gather vs shuffle vs hybrid communication (Fashion-MNIST geometry, 2 and 4 "
                         "processes)")
     p.add_argument("--out", default="runs/benchmark/benchmark.json")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    setting = Setting(device, args.precision, args.channels_last, args.compile_mode)
-    geometries = args.geometry if args.geometry is not None else ([] if args.e2e else list(GEOMETRIES))
+    return p.parse_args(argv)
+
+
+def default_batch(args, cuda: bool, geometry: str) -> int:
+    return args.batch or (128 if cuda or geometry == "fashion_mnist" else 16)
+
+
+def default_steps(args, cuda: bool) -> int:
+    return args.steps or (20 if cuda else 3)
+
+
+def run_model_only(args, setting: Setting, geometries: list[str]) -> list[dict]:
+    cuda = setting.device.type == "cuda"
     results = []
     for geometry in geometries:
-        batch = args.batch or (128 if cuda or geometry == "fashion_mnist" else 16)
         for G in args.groups:
-            r = bench(geometry, G, setting, batch, args.steps or (20 if cuda else 3), args.rounds, args.compile,
-                      args.profile)
+            r = bench(geometry, G, setting, default_batch(args, cuda, geometry), default_steps(args, cuda),
+                      args.rounds, args.compile, args.profile)
             results.append(r)
             print(f"  {geometry} G={G}: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s"
                                                       for k, v in r["models"].items()), flush=True)
     if results:
         print_table(results)
-    e2e_rows = []
+    return results
+
+
+def run_e2e(args, setting: Setting) -> tuple[list[dict], dict, dict | None]:
+    """train.py's loop end to end (or its loaders alone): (rows, loader rates, the generated JPEG tree)."""
+    cuda = setting.device.type == "cuda"
     jpeg_info = None
     if "jpeg" in args.e2e and not args.jpeg_root:
         import tempfile
@@ -427,29 +437,45 @@ def main(argv=None) -> int:
         jpeg_info = make_tree(args.jpeg_root, args.jpeg_files, 512, 10)
         print(f"  generated {args.jpeg_files} JPEGs ({jpeg_info['mean_bytes'] / 1e3:.1f} KB on average) in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
-    loader_rates = {}
+    rows, loader_rates = [], {}
     for source in args.e2e:
-        batch = args.batch or (128 if cuda or source == "fashion_mnist" else 16)
+        batch = default_batch(args, cuda, source)
         if args.loader_only:
             loader_rates[source] = bench_loader(source, setting, batch, args.jpeg_root, args.workers,
                                                 args.fake_samples or 16 * batch, args.fashion_limit)
             continue
         for G in args.groups:
-            e2e_rows.append(bench_e2e(source, G, setting, batch, args.compile, args.steps or (20 if cuda else 3),
-                                      args.rounds, args.jpeg_root, args.workers, args.fake_samples or 16 * batch,
-                                      args.fashion_limit))
-    if e2e_rows:
-        print_e2e(e2e_rows)
-    distributed = []
-    if args.distributed:
-        for geometry in geometries:
-            batch = args.batch or (128 if cuda or geometry == "fashion_mnist" else 16)
-            distributed += bench_distributed(geometry, device, batch, args.steps or (20 if cuda else 3))
-        print(f"{'geometry':<14}{'procs':>6}{'img/s':>10}{'1-proc img/s':>14}{'comm ms/step':>14}{'step ms':>10}"
-              f"{'MB/step':>9}")
-        for r in distributed:
-            print(f"{r['geometry']:<14}{r['world']:>6}{r['images_per_s']:>10.1f}{r['local_images_per_s']:>14.1f}"
-                  f"{r['comm_ms']:>14.1f}{r['step_ms']:>10.1f}{r['mb_per_step']:>9.2f}")
+            rows.append(bench_e2e(source, G, setting, batch, args.compile, default_steps(args, cuda), args.rounds,
+                                  args.jpeg_root, args.workers, args.fake_samples or 16 * batch, args.fashion_limit))
+    if rows:
+        print_e2e(rows)
+    return rows, loader_rates, jpeg_info
+
+
+def run_distributed(args, device: torch.device, geometries: list[str]) -> list[dict]:
+    cuda = device.type == "cuda"
+    rows = []
+    for geometry in geometries:
+        rows += bench_distributed(geometry, device, default_batch(args, cuda, geometry), default_steps(args, cuda))
+    print(f"{'geometry':<14}{'procs':>6}{'img/s':>10}{'1-proc img/s':>14}{'comm ms/step':>14}{'step ms':>10}"
+          f"{'MB/step':>9}")
+    for r in rows:
+        print(f"{r['geometry']:<14}{r['world']:>6}{r['images_per_s']:>10.1f}{r['local_images_per_s']:>14.1f}"
+              f"{r['comm_ms']:>14.1f}{r['step_ms']:>10.1f}{r['mb_per_step']:>9.2f}")
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    setting = Setting(device, args.precision, args.channels_last and cuda, args.compile_mode)
+    geometries = args.geometry if args.geometry is not None else ([] if args.e2e else list(GEOMETRIES))
+    results = run_model_only(args, setting, geometries)
+    e2e_rows, loader_rates, jpeg_info = run_e2e(args, setting)
+    distributed = run_distributed(args, device, geometries) if args.distributed else []
     exchanges = []
     if args.exchanges:
         import exchange_benchmark
@@ -458,10 +484,10 @@ def main(argv=None) -> int:
         exchange_benchmark.print_rows(exchanges)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        gpu = torch.cuda.get_device_name(device) if cuda else None
-        json.dump({"torch": torch.__version__, "device_name": gpu, "threads": torch.get_num_threads(),
-                   "cpus": os.cpu_count(), "results": results, "e2e": e2e_rows, "loader_only": loader_rates, "jpeg_tree": jpeg_info,
-                   "distributed": distributed, "exchanges": exchanges}, f, indent=2)
+        json.dump({"torch": torch.__version__, "device_name": torch.cuda.get_device_name(device) if cuda else None,
+                   "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "results": results, "e2e": e2e_rows,
+                   "loader_only": loader_rates, "jpeg_tree": jpeg_info, "distributed": distributed,
+                   "exchanges": exchanges}, f, indent=2)
     print(f"wrote {args.out}")
     return 0
 

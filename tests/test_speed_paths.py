@@ -8,6 +8,7 @@ from torch import nn
 
 from conftest import assert_close
 from parallel import GroupConv2d, LocalPlacement, shard
+from test_layers import grads_by_rows, load_rows
 from test_layers import shard as leaf_shards
 
 
@@ -16,10 +17,7 @@ def test_streams_formulation_equals_torch_grouped_conv_forward_and_backward(G, d
     pl = LocalPlacement(G, devices)
     ref = nn.Conv2d(8, 16, 3, padding=1, groups=G)
     layer = GroupConv2d(pl, 8, 16, 3, padding=1, name="c")
-    with torch.no_grad():
-        for (lo, hi), w, b in zip(layer.slot_rows, layer.weights, layer.biases):
-            w.copy_(ref.weight[lo:hi])
-            b.copy_(ref.bias[lo:hi])
+    load_rows(layer, ref.weight, ref.bias)
     layer.formulation = "streams"
     x = torch.randn(3, 8, 6, 6, requires_grad=True)
     xs = leaf_shards(x.detach(), pl)
@@ -28,8 +26,9 @@ def test_streams_formulation_equals_torch_grouped_conv_forward_and_backward(G, d
     g = torch.randn_like(y)
     y.backward(g)
     ref(x).backward(g)
-    assert_close(torch.cat([w.grad for w in layer.weights]), ref.weight.grad)
-    assert_close(torch.cat([b.grad for b in layer.biases]), ref.bias.grad)
+    gw, gb = grads_by_rows(layer, ref.weight.shape)
+    assert_close(gw, ref.weight.grad)
+    assert_close(gb, ref.bias.grad)
     assert_close(torch.cat([t.grad for t in xs.parts], 1), x.grad)
 
 

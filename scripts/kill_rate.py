@@ -1,6 +1,6 @@
 """How strong the tests are: plant known bugs one at a time, run the tests that should notice, count kills.
 
-  python scripts/kill_rate.py                 # every planted bug (about 10 minutes on 2 cores)
+  python scripts/kill_rate.py                 # every planted bug (about 5 minutes on 2 cores)
   python scripts/kill_rate.py --only 3 7      # some of them, by number
 
 Each bug is a one-line edit of parallel/, alexnet/ or data/ (the line must exist exactly once,

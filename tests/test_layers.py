@@ -36,11 +36,14 @@ LAYOUTS = [(2, ["cpu", "cpu"]), (4, ["cpu"] * 4), (4, ["cpu", "cpu"]), (3, ["cpu
 
 
 @pytest.mark.parametrize("G, devices", LAYOUTS)
-@pytest.mark.parametrize("mode", ["own", "all"])
-def test_group_conv2d_matches_torch(G, devices, mode):
+@pytest.mark.parametrize("mode, formulation", [("own", "grouped"), ("own", "split"), ("own", "streams"),
+                                               ("all", "grouped")])
+def test_group_conv2d_matches_torch(G, devices, mode, formulation):
+    """Every formulation of a slot's k groups (parallel.streams runs the k convolutions in order on CPU)."""
     pl = LocalPlacement(G, devices)
     ref = nn.Conv2d(12, 24, 3, padding=1, groups=G if mode == "own" else 1)
     layer = GroupConv2d(pl, 12, 24, 3, padding=1, input_mode=mode, name="c")
+    layer.formulation = formulation
     load_rows(layer, ref.weight, ref.bias)
     x = torch.randn(3, 12, 8, 8, requires_grad=True)
     xs = shard(x.detach(), pl)

@@ -8,28 +8,6 @@ from torch import nn
 
 from conftest import assert_close
 from parallel import GroupConv2d, LocalPlacement, shard
-from test_layers import grads_by_rows, load_rows
-from test_layers import shard as leaf_shards
-
-
-@pytest.mark.parametrize("G, devices", [(4, ["cpu"]), (4, ["cpu", "cpu"]), (2, ["cpu"])])
-def test_streams_formulation_equals_torch_grouped_conv_forward_and_backward(G, devices):
-    pl = LocalPlacement(G, devices)
-    ref = nn.Conv2d(8, 16, 3, padding=1, groups=G)
-    layer = GroupConv2d(pl, 8, 16, 3, padding=1, name="c")
-    load_rows(layer, ref.weight, ref.bias)
-    layer.formulation = "streams"
-    x = torch.randn(3, 8, 6, 6, requires_grad=True)
-    xs = leaf_shards(x.detach(), pl)
-    y = torch.cat(layer(xs).parts, 1)
-    assert_close(y, ref(x))
-    g = torch.randn_like(y)
-    y.backward(g)
-    ref(x).backward(g)
-    gw, gb = grads_by_rows(layer, ref.weight.shape)
-    assert_close(gw, ref.weight.grad)
-    assert_close(gb, ref.bias.grad)
-    assert_close(torch.cat([t.grad for t in xs.parts], 1), x.grad)
 
 
 def test_an_unknown_formulation_is_refused_by_name():

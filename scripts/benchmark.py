@@ -37,9 +37,7 @@ import statistics
 import sys
 import time
 
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from alexnet.build import spec_from_config

@@ -22,7 +22,6 @@ import time
 
 import yaml
 
-
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError, load
 from alexnet.engine import TrainingDiverged

@@ -13,9 +13,7 @@ remaining hand-offs:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
 
 import torch
 

@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 
-
 import torch
 
 from benchlib import GEOMETRIES, spawn_and_read

@@ -9,11 +9,9 @@ torch.compile. Prints milliseconds and ratios to torch's eager LRN.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-
 
 import torch
 import torch.nn.functional as F

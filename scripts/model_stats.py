@@ -11,9 +11,7 @@ shows 10,568 more: a different counting convention).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
 
 from alexnet.build import spec_from_config
 from alexnet.config import ConfigError, load

@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 
-
 from alexnet import checkpoint as ckpt_io
 from alexnet.build import spec_from_config
 from alexnet.filters import (conv1_all_groups_image, filter_correlation, input_group_share,

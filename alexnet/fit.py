@@ -118,7 +118,7 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         if result["stopped"] and epoch_step < len(train_loader):
             # Pre-empted mid-epoch: save the position and the epoch's partial sums.
             position = Position(epoch, result["step"], epoch_step, result["partial"], record=position.record)
-            save(cfg, trainer, schedule, position, clock)
+            save(cfg, model, trainer, schedule, position, clock)
             stopped = True
             break
         val = evaluate(trainer, val_loader)
@@ -128,7 +128,7 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         weights = ckpt_io.model_state(model)  # on rank 0 only, which writes the checkpoint and the metrics
         add_filter_correlation(record, weights, spec)
         position = Position(epoch + 1, result["step"], record=record)
-        save(cfg, trainer, schedule, position, clock, weights)
+        save(cfg, model, trainer, schedule, position, clock, weights)
         best_val = keep_best(cfg, runtime, record, best_val)
         log.epoch(record)
         report_epoch(cfg, spec, trainer, record, recordings, epoch_step, say)
@@ -227,11 +227,12 @@ def add_filter_correlation(record: dict, weights: dict | None, spec) -> None:
             weights, spec.layer_groups["conv1"])
 
 
-def save(cfg: dict, trainer: Trainer, schedule, position: Position, clock: Clock, weights="assemble") -> None:
+def save(cfg: dict, model: GroupAlexNet, trainer: Trainer, schedule, position: Position, clock: Clock,
+         weights="assemble") -> None:
     """checkpoints/last.pt, atomically. Every rank takes part (shards are gathered to rank 0); only
-    rank 0 writes. ``weights``: reference-layout weights already assembled, else assembled here."""
-    model, runtime = trainer.model, trainer.runtime
-    model = getattr(model, "_orig_mod", model)  # the module under a torch.compile wrapper
+    rank 0 writes. ``model`` is the module (``trainer.model`` may be its compiled wrapper);
+    ``weights``: reference-layout weights already assembled (None on ranks but 0), else assembled here."""
+    runtime = trainer.runtime
     position.wall_s = clock.wall_s()
     state = ckpt_io.build(cfg, position, ckpt_io.model_state(model) if isinstance(weights, str) else weights,
                           ckpt_io.optimizer_state(model, trainer.optimizer), schedule.state_dict())

@@ -276,6 +276,16 @@ class GroupConv2d(_GroupSharded):
     #: k dense ones), so it is measured: see ``parallel.tuning``.
     FORMULATIONS = ("grouped", "split", "streams")
 
+    @property
+    def formulation(self) -> str:
+        return self._formulation
+
+    @formulation.setter
+    def formulation(self, value: str) -> None:  # checked once here, not on every forward
+        if value not in self.FORMULATIONS:
+            raise ValueError(f"{self.name}: formulation must be one of {self.FORMULATIONS}, got {value!r}")
+        self._formulation = value
+
     @staticmethod
     def formulations_for(device: torch.device, eager: bool = True) -> tuple[str, ...]:
         """The formulations worth timing on ``device``: streams only on CUDA and only eagerly
@@ -293,8 +303,6 @@ class GroupConv2d(_GroupSharded):
             x = F.pad(x, self.explicit_pad, mode=self.padding_mode)
         if k == 1 or self.formulation == "grouped":
             return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, k)
-        if self.formulation not in self.FORMULATIONS:
-            raise ValueError(f"{self.name}: formulation must be one of {self.FORMULATIONS}, got {self.formulation!r}")
         biases = b.chunk(k, 0) if b is not None else [None] * k
         work = [functools.partial(F.conv2d, xg, wg, bg, self.stride, self.padding, self.dilation)
                 for xg, wg, bg in zip(x.chunk(k, 1), w.chunk(k, 0), biases)]

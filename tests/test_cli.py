@@ -33,6 +33,8 @@ def test_smoke_run_writes_events_metrics_summary(root, tmp_path):
                 "images_per_s", "wall_s"):
         assert key in summary
     assert summary["final_val_top1_err"] == lines[-1]["val_top1_err"]
+    for m in lines:  # 6 FLOPs per MAC per image (forward, two backward passes); no peak to share on a CPU
+        assert m["tflops"] == pytest.approx(6 * summary["macs"] * m["images_per_s"] / 1e12) and m["mfu"] is None
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints" / "last.pt").exists()
 
 

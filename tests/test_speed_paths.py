@@ -12,9 +12,22 @@ from parallel import GroupConv2d, LocalPlacement, shard
 
 def test_an_unknown_formulation_is_refused_by_name():
     layer = GroupConv2d(LocalPlacement(2, ["cpu"]), 4, 4, 1, name="c")
-    layer.formulation = "fast"
     with pytest.raises(ValueError, match="c: formulation must be one of"):
-        layer(shard(torch.randn(1, 4, 2, 2), layer.placement))
+        layer.formulation = "fast"
+    assert layer.formulation == "grouped"
+
+
+def test_side_streams_are_made_once_per_device_and_reused(monkeypatch):
+    """SideStreams on a (faked) CUDA device: k streams on first use, the same ones after, more only when asked."""
+    from parallel.streams import SideStreams
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or f"stream{len(made)}")
+    streams = SideStreams()
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert streams.get(cuda0, 2) == ["stream1", "stream2"] and streams.get(cuda0, 2) == ["stream1", "stream2"]
+    assert streams.get(cuda0, 3) == ["stream1", "stream2", "stream3"] and streams.get(cuda0, 1) == ["stream1"]
+    assert streams.get(cuda1, 1) == ["stream4"] and made == [cuda0] * 3 + [cuda1]
+    assert streams.get(torch.device("cpu"), 4) is None
 
 
 class FakeStream:
@@ -137,6 +150,18 @@ def test_graph_recordings_count_inductors_cudagraph_announcements_only():
         pass
     assert recordings.count == 2  # closed: no longer counting
     assert "re-captured about every step" in describe_recordings(40, 50, on_cuda=True)
+    # what a run's log says after an epoch: the recordings since the last epoch's line
+    from alexnet.fit import report_epoch
+    from test_compile import _model
+    from alexnet.engine import Trainer
+    model = _model(2, ["cpu"])
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), model.placement, None)
+    record = {"epoch": 1, "train_loss": 1.0, "val_top1_err": 50.0, "val_top5_err": 10.0, "lr": 0.1,
+              "images_per_s": 100.0, "epoch_s": 1.0}
+    said = []
+    report_epoch({"train": {"epochs": 2}}, model.spec, trainer, record, recordings, 50,
+                 lambda line, **kw: said.append(line))
+    assert said[0].startswith("epoch 1/2  loss 1.0000") and said[1] == describe_recordings(0, 50, on_cuda=False)
     assert "recorded once, then replayed" in describe_recordings(2, 50, on_cuda=True)
 
 

@@ -113,11 +113,12 @@ def run_evaluate(args) -> dict:
     from alexnet.config import apply_overrides, load
     from alexnet.engine import Trainer, evaluate
     from alexnet.fit import build_run
+    from parallel import load_full_state_dict
     ckpt = ckpt_io.load(args.evaluate)
     cfg = load(args.config, args.overrides) if args.config else apply_overrides(ckpt["config"], args.overrides)
     ckpt_io.check_compatible(ckpt, cfg["model"], args.evaluate)
     _, placement, runtime, model, optimizer = build_run(cfg)
-    model.load_reference(ckpt["model"])
+    load_full_state_dict(model, ckpt["model"])
     _, val_loader = data_from_config(cfg, placement, runtime)
     result = evaluate(Trainer(model, optimizer, placement, runtime, cfg["train"]["precision"]), val_loader)
     result["epoch"] = ckpt["epoch"]

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-FORMAT = 1
+from alexnet.config import upgrade_model_config
+from parallel import full_state_dict, full_state_slices
+
+FORMAT = 2  # 2: the grouped fc layers keyed fc6.weight (was fc6.conv.weight), config without model.cross_group
 
 
 @dataclass
@@ -96,19 +99,46 @@ def load(path: str) -> dict:
     except Exception as e:  # truncated zip, pickle error, foreign file
         raise CheckpointError(f"checkpoint {path!r} is corrupt or not a checkpoint ({type(e).__name__}: {first_line(e)}); "
                               "pass another path, or delete it to start over") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
-        raise CheckpointError(f"{path!r} is not a checkpoint of this project (format {FORMAT})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, FORMAT) or "model" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a checkpoint of this project (formats 1 and {FORMAT})")
+    return upgrade(ckpt)
+
+
+def upgrade(ckpt: dict) -> dict:
+    """A format-1 checkpoint in today's format (in memory; the file stays as it is): its grouped fc
+    layers re-keyed, its weights and momentum otherwise untouched, its config in today's words."""
+    if ckpt["format"] == FORMAT:
+        return ckpt
+    ckpt = dict(ckpt, format=FORMAT, config=dict(ckpt["config"], model=upgrade_model_config(ckpt["config"]["model"])))
+    ckpt["model"] = upgrade_reference_keys(ckpt["model"])
+    if ckpt.get("optimizer"):
+        ckpt["optimizer"] = dict(ckpt["optimizer"], momentum=upgrade_reference_keys(ckpt["optimizer"]["momentum"]))
     return ckpt
+
+
+def upgrade_reference_keys(state: dict) -> dict:
+    """A reference state_dict of format 1, whose block-diagonal fc layers were a Conv1d
+    (``fc6.conv.weight`` of shape (out, in/G, 1)), keyed as today's (``fc6.weight``, (out, in/G))."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0].startswith("fc") and parts[1] == "conv":
+            key = f"{parts[0]}.{parts[2]}"
+            value = value.squeeze(-1) if parts[2] == "weight" else value
+        out[key] = value
+    return out
 
 
 def check_compatible(ckpt: dict, model_cfg: dict, path: str) -> None:
     """Refuse a checkpoint of another architecture before anything is loaded."""
-    saved = ckpt["config"]["model"]
-    before = {"exchange": {}}  # keys added later: what checkpoints written before them meant
+    def crossing(model: dict) -> dict:  # a layer not named in model.exchange reads its own group's maps
+        return {name: how for name, how in model["exchange"].items() if how != "own"}
+    saved = dict(ckpt["config"]["model"], exchange=crossing(ckpt["config"]["model"]))
+    model_cfg = dict(model_cfg, exchange=crossing(model_cfg))
     # everything that shapes the weights or the function they compute (dropout and init may differ)
     for key in ("groups", "num_classes", "in_channels", "input_size", "conv_channels", "kernels", "strides",
-                "paddings", "fc_widths", "cross_group", "exchange", "lrn"):
-        if saved.get(key, before.get(key)) != model_cfg.get(key, before.get(key)):
+                "paddings", "fc_widths", "exchange", "lrn"):
+        if saved.get(key) != model_cfg.get(key):
             raise CheckpointError(f"{path!r} was trained with model.{key}={saved.get(key)}, but this config has "
                                   f"{model_cfg.get(key)}; use the run's own config (config.yaml in its run dir)")
 
@@ -116,7 +146,7 @@ def check_compatible(ckpt: dict, model_cfg: dict, path: str) -> None:
 def model_state(model) -> dict | None:
     """The reference-layout weights on global rank 0, the one that writes checkpoints (None elsewhere:
     no rank but rank 0 holds a full copy, about 0.25 GB of host memory at ImageNet size)."""
-    return model.to_reference(everywhere=False)
+    return full_state_dict(model, everywhere=False)
 
 
 def optimizer_state(model, optimizer) -> dict:
@@ -126,12 +156,12 @@ def optimizer_state(model, optimizer) -> dict:
         state = optimizer.state.get(p, {})
         b = state.get("momentum_buffer")
         return b if b is not None else torch.zeros_like(p)
-    momentum = model.to_reference(buf, everywhere=False)
+    momentum = full_state_dict(model, buf, everywhere=False)
     return {"momentum": momentum} if momentum is not None else None
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
-    for p, value in model.from_reference(state["momentum"]).items():
+    for p, value in full_state_slices(model, state["momentum"]).items():
         optimizer.state[p]["momentum_buffer"] = value.clone()
 
 

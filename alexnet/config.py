@@ -12,7 +12,7 @@ import re
 
 import yaml
 
-from alexnet.spec import groups_label
+from alexnet.spec import CROSSABLE, PAPER_EXCHANGE, groups_label
 
 DEFAULTS: dict = {
     "model": {
@@ -25,8 +25,9 @@ DEFAULTS: dict = {
         "strides": [4, 1, 1, 1, 1],
         "paddings": [0, 2, 1, 1, 1],
         "fc_widths": [4096, 4096],   # fc6, fc7 (fc8 has num_classes)
-        "cross_group": ["conv3", "fc6", "fc7", "fc8"],  # layers that see every group's input
-        "exchange": {},              # per-layer override: {conv3: shuffle}; all | own | shuffle
+        "exchange": dict(PAPER_EXCHANGE),  # what each layer reads of the other groups' maps: all (all-gather),
+                                     # shuffle (conv2..conv5: the g-th 1/G of every group's) or own (none);
+                                     # a layer not named reads its own group's (own); conv1 reads the image
         "lrn": True,                 # paper LRN after conv1 and conv2 (k=2, n=5, alpha=1e-4, beta=0.75)
         "dropout": 0.5,              # on fc6 and fc7
         "init": "paper",             # paper | caffe | kaiming
@@ -115,12 +116,42 @@ RANGES = {"model.groups": (1, True, None, False), "model.num_classes": (1, True,
           "data.fake_val_samples": (1, True, None, False), "parallel.timeout_s": (0, False, None, False)}
 # List keys and the type of their entries.
 LIST_OF = {"model.conv_channels": int, "model.kernels": int, "model.strides": int, "model.paddings": int,
-           "model.fc_widths": int, "model.cross_group": str, "parallel.devices": str}
+           "model.fc_widths": int, "parallel.devices": str}
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 class ConfigError(ValueError):
     """A config problem; the message names the key and the fix."""
+
+
+def exchange_of_cross_group(cross_group: list[str], exchange: dict[str, str] | None = None) -> dict[str, str]:
+    """The retired pair (``model.cross_group``: layers that all-gather, ``model.exchange``: overrides)
+    as one ``model.exchange``. Layers the paper's default has as ``all`` are named ``own`` when the
+    list leaves them out, since a layer not named keeps the default."""
+    named = [n for n in CROSSABLE if n in PAPER_EXCHANGE or n in cross_group]
+    out = {n: "all" if n in cross_group else "own" for n in named + [n for n in cross_group if n not in named]}
+    out.update(exchange or {})
+    return out
+
+
+def upgrade_model_config(model: dict) -> dict:
+    """A model section written before ``model.cross_group`` was retired (checkpoints, old run dirs),
+    in today's vocabulary; today's sections come back unchanged."""
+    if "cross_group" not in model:
+        return model
+    upgraded = {k: v for k, v in model.items() if k != "cross_group"}
+    upgraded["exchange"] = exchange_of_cross_group(model["cross_group"], model.get("exchange"))
+    return upgraded
+
+
+def _retired(path: str, value) -> str | None:
+    """The one-line message for a retired key, naming its replacement; None for a key in use."""
+    if path == "model.cross_group":
+        names = value if isinstance(value, list) else [value]
+        replacement = ", ".join(f"{k}: {v}" for k, v in exchange_of_cross_group([str(n) for n in names]).items())
+        return (f"model.cross_group is retired: one map says what each layer reads of the other groups; "
+                f"write model.exchange: {{{replacement}}} instead")
+    return None
 
 
 def _closest(key: str, options) -> str:
@@ -187,6 +218,9 @@ def merge(base: dict, override: dict, defaults: dict = DEFAULTS, prefix: str = "
     out = copy.deepcopy(base)
     for key, value in override.items():
         path = f"{prefix}{key}"
+        retired = _retired(path, value)
+        if retired:
+            raise ConfigError(retired)
         if key not in defaults:
             raise ConfigError(f"unknown config key {path!r}{_closest(path, _flat_keys(DEFAULTS))}")
         if path in OPEN_MAPS:

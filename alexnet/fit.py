@@ -22,6 +22,7 @@ from alexnet.init import init_reference_state
 from alexnet.logs import RunLog
 from alexnet.model import GroupAlexNet
 from alexnet.schedule import LRSchedule
+from parallel import load_full_state_dict
 
 
 def build_run(cfg: dict, where=None):
@@ -33,7 +34,7 @@ def build_run(cfg: dict, where=None):
     where = where or placement_from_config(cfg, spec)
     placement, runtime = where.placement, where.runtime
     model = GroupAlexNet(spec, placement, fc_placement=where.fc_placement, rows=where.rows)
-    model.load_reference(init_reference_state(spec, cfg["run"]["seed"]))
+    load_full_state_dict(model, init_reference_state(spec, cfg["run"]["seed"]))
     return spec, placement, runtime, model, sgd_from_config(cfg, model.parameters(), placement)
 
 
@@ -154,7 +155,7 @@ def resume(path: str | None, cfg: dict, model, optimizer, schedule) -> Position:
         return Position()
     ckpt = ckpt_io.load(path)
     ckpt_io.check_compatible(ckpt, cfg["model"], path)
-    model.load_reference(ckpt["model"])
+    load_full_state_dict(model, ckpt["model"])
     ckpt_io.load_optimizer_state(model, optimizer, ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
     return Position.of(ckpt)

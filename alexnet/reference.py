@@ -3,11 +3,15 @@
 conv2/conv4/conv5 (when not cross-group) are ``nn.Conv2d(groups=G)`` with each layer's own
 G; cross-group layers are dense; a shuffled layer is ``ChannelShuffle(G)`` then
 ``nn.Conv2d(groups=G)``; LRN is applied to each group's channels separately; an fc layer
-that is not cross-group is a grouped 1x1 convolution. The model-parallel network must compute exactly
+that is not cross-group is block-diagonal (``GroupedLinear``). The model-parallel network must compute exactly
 this, and its weights map onto this module's state_dict by slicing output rows.
 """
 from __future__ import annotations
 
+import math
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alexnet.spec import LRN_AFTER, LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, POOL_AFTER, POOL_KERNEL, POOL_STRIDE, AlexNetSpec
@@ -40,14 +44,24 @@ class ChannelShuffle(nn.Module):
 
 
 class GroupedLinear(nn.Module):
-    """Block-diagonal linear layer: a grouped 1x1 convolution over (N, F, 1)."""
+    """Block-diagonal linear layer: Y_g = X_g A_g^T + b_g, X split into G equal groups of features.
+
+    ``weight`` is (out_features, in_features / G), group g's rows ``[g out/G, (g+1) out/G)``:
+    the rows GroupLinear(exchange="own") stores, so the two state dicts share keys and shapes.
+    Computed as a grouped 1x1 convolution; initialised as nn.Conv1d(groups=G) would be.
+    """
 
     def __init__(self, in_features: int, out_features: int, groups: int):
         super().__init__()
-        self.conv = nn.Conv1d(in_features, out_features, 1, groups=groups)
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.weight.shape[1])
+        nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x):
-        return self.conv(x.unsqueeze(-1)).squeeze(-1)
+        return F.conv1d(x.unsqueeze(-1), self.weight.unsqueeze(-1), self.bias, groups=self.groups).squeeze(-1)
 
 
 class ReferenceAlexNet(nn.Module):

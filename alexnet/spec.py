@@ -2,11 +2,12 @@
 
 Layer order (Krizhevsky et al. 2012): conv1 -> relu -> lrn -> pool -> conv2 -> relu -> lrn
 -> pool -> conv3 -> relu -> conv4 -> relu -> conv5 -> relu -> pool -> fc6 -> relu ->
-dropout -> fc7 -> relu -> dropout -> fc8. conv1 sees the whole image in every group; a
-layer in ``cross_group`` sees every group's input maps, any other layer only its own,
-unless ``exchange`` says otherwise for it (``all``, ``own`` or ``shuffle``: the g-th 1/G
-slice of every group's maps). ``groups`` is one G for every layer or one per conv layer
-(a "root" topology such as [2, 4, 4, 2, 2]); the fc layers take conv5's.
+dropout -> fc7 -> relu -> dropout -> fc8. conv1 sees the whole image in every group;
+``exchange`` says what every other layer reads of the other groups' maps: ``all`` (every
+group's, all-gathered), ``shuffle`` (the g-th 1/G slice of every group's) or ``own`` (its
+own group's only, the default for a layer it does not name). The paper's is
+``PAPER_EXCHANGE``. ``groups`` is one G for every layer or one per conv layer (a "root"
+topology such as [2, 4, 4, 2, 2]); the fc layers take conv5's.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ POOL_KERNEL, POOL_STRIDE = 3, 2
 # The paper's LRN (k=2, n=5, alpha=1e-4, beta=0.75); torch divides alpha by n, hence 5e-4.
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 5e-4, 0.75, 2.0
 INIT_SCHEMES = ("paper", "caffe", "kaiming")
-EXCHANGES = ("all", "own", "shuffle")
+EXCHANGES = ("all", "own", "shuffle")  # what a config may name; conv1 is always "replicated" (reads the image)
+# Krizhevsky et al.: the groups talk at conv3 and at every fc layer
+PAPER_EXCHANGE = {"conv3": "all", "fc6": "all", "fc7": "all", "fc8": "all"}
 
 
 def groups_label(groups) -> str:
@@ -77,8 +80,7 @@ class AlexNetSpec:
     strides: list[int] = field(default_factory=lambda: [4, 1, 1, 1, 1])
     paddings: list[int] = field(default_factory=lambda: [0, 2, 1, 1, 1])
     fc_widths: list[int] = field(default_factory=lambda: [4096, 4096])
-    cross_group: list[str] = field(default_factory=lambda: ["conv3", "fc6", "fc7", "fc8"])
-    exchange: dict[str, str] = field(default_factory=dict)
+    exchange: dict[str, str] = field(default_factory=lambda: dict(PAPER_EXCHANGE))
     lrn: bool = True
     dropout: float = 0.5
     init: str = "paper"
@@ -114,7 +116,7 @@ class AlexNetSpec:
     def exchange_of(self, name: str) -> str:
         if name == "conv1":
             return "replicated"
-        return self.exchange.get(name, "all" if name in self.cross_group else "own")
+        return self.exchange.get(name, "own")
 
     def validate(self) -> None:
         if isinstance(self.groups, (list, tuple)):
@@ -129,16 +131,13 @@ class AlexNetSpec:
         for key in ("conv_channels", "kernels", "strides", "fc_widths"):
             if any(v < 1 for v in getattr(self, key)):
                 raise SpecError(f"model.{key} entries must be >= 1, got {getattr(self, key)}")
-        bad = [c for c in self.cross_group if c not in CROSSABLE]
-        if bad:
-            raise SpecError(f"model.cross_group: {bad} not allowed; choose from {list(CROSSABLE)} "
-                            "(conv1 always sees the whole image)")
         if not isinstance(self.exchange, dict):
             raise SpecError(f"model.exchange must map layer names to one of {list(EXCHANGES)}, e.g. "
                             f"{{conv3: shuffle}}; got {self.exchange!r}")
         for name, how in self.exchange.items():
             if name not in CROSSABLE:
-                raise SpecError(f"model.exchange: {name!r} is not one of {list(CROSSABLE)}")
+                raise SpecError(f"model.exchange: {name!r} is not one of {list(CROSSABLE)} "
+                                "(conv1 always reads the whole image)")
             if how not in EXCHANGES:
                 raise SpecError(f"model.exchange.{name}: {how!r} is not one of {list(EXCHANGES)}")
             if how == "shuffle" and name in FC_NAMES:
@@ -165,8 +164,9 @@ class AlexNetSpec:
                 raise SpecError(f"{name} reads {inputs[name]} channels in {G} groups, which does not divide; "
                                 "change the previous layer's width or this layer's groups")
         if self.exchange_of("fc8") != "all" and self.num_classes % self.layer_groups["fc8"]:
-            raise SpecError(f"fc8 without cross_group splits its input by group, so num_classes "
-                            f"({self.num_classes}) must divide by {self.layer_groups['fc8']}; add fc8 to model.cross_group")
+            raise SpecError(f"fc8 reading only its own group's features splits the classes by group, so num_classes "
+                            f"({self.num_classes}) must divide by {self.layer_groups['fc8']}; set model.exchange.fc8 "
+                            "to all")
         too_small = self._first_empty_map(self.input_size)
         if too_small:
             fits = next((n for n in range(self.input_size + 1, 4097) if not self._first_empty_map(n)), None)

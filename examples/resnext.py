@@ -48,11 +48,11 @@ class Bottleneck(nn.Module):
                  base_width: int = 64):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * placement.groups
-        self.conv1 = GroupConv2d(placement, inplanes, width, 1, input_mode="all", bias=False)
+        self.conv1 = GroupConv2d(placement, inplanes, width, 1, exchange="all", bias=False)
         self.bn1 = GroupBatchNorm2d(placement, width)
-        self.conv2 = GroupConv2d(placement, width, width, 3, stride=stride, padding=1, input_mode="own", bias=False)
+        self.conv2 = GroupConv2d(placement, width, width, 3, stride=stride, padding=1, exchange="own", bias=False)
         self.bn2 = GroupBatchNorm2d(placement, width)
-        self.conv3 = GroupConv2d(placement, width, planes * self.expansion, 1, input_mode="all", bias=False)
+        self.conv3 = GroupConv2d(placement, width, planes * self.expansion, 1, exchange="all", bias=False)
         self.bn3 = GroupBatchNorm2d(placement, planes * self.expansion)
         self.relu = PerGroup(placement, nn.ReLU(), channel_wise=True)
         self.downsample = downsample
@@ -75,7 +75,7 @@ class GroupResNeXt(nn.Module):
                  in_channels: int = 3, base: int = 64):
         super().__init__()
         self.placement, self.base_width, self.inplanes = placement, base_width, base
-        self.conv1 = GroupConv2d(placement, in_channels, base, 7, stride=2, padding=3, input_mode="replicated",
+        self.conv1 = GroupConv2d(placement, in_channels, base, 7, stride=2, padding=3, exchange="replicated",
                                  bias=False)
         self.bn1 = GroupBatchNorm2d(placement, base)
         self.relu = PerGroup(placement, nn.ReLU(), channel_wise=True)
@@ -85,7 +85,7 @@ class GroupResNeXt(nn.Module):
         self.layer3 = self._make_layer(4 * base, layers[2], stride=2)
         self.layer4 = self._make_layer(8 * base, layers[3], stride=2)
         self.avgpool = PerGroup(placement, nn.AdaptiveAvgPool2d(1), channel_wise=True)
-        self.fc = GroupLinear(placement, 8 * base * Bottleneck.expansion, num_classes, input_mode="all")
+        self.fc = GroupLinear(placement, 8 * base * Bottleneck.expansion, num_classes, exchange="all")
         # torchvision's re-initialisation, drawn on the full tensors in its module order
         for m in self.modules():
             if isinstance(m, GroupConv2d):
@@ -96,7 +96,7 @@ class GroupResNeXt(nn.Module):
         p, out = self.placement, planes * Bottleneck.expansion
         downsample = None
         if stride != 1 or self.inplanes != out:
-            downsample = nn.Sequential(GroupConv2d(p, self.inplanes, out, 1, stride=stride, input_mode="all",
+            downsample = nn.Sequential(GroupConv2d(p, self.inplanes, out, 1, stride=stride, exchange="all",
                                                    bias=False), GroupBatchNorm2d(p, out))
         layers = [Bottleneck(p, self.inplanes, planes, stride, downsample, self.base_width)]
         self.inplanes = out

@@ -35,12 +35,12 @@ class ShuffleUnit(nn.Module):
         super().__init__()
         mid, self.stride = out_channels // 4, stride
         branch = out_channels - in_channels if stride == 2 else out_channels
-        self.gconv1 = GroupConv2d(placement, in_channels, mid, 1, input_mode="own", bias=False)
+        self.gconv1 = GroupConv2d(placement, in_channels, mid, 1, exchange="own", bias=False)
         self.bn1 = GroupBatchNorm2d(placement, mid)
         self.shuffle = ChannelShuffle(placement)
         self.dwconv = GroupConv2d(placement, mid, mid, 3, stride=stride, padding=1, groups=mid, bias=False)
         self.bn2 = GroupBatchNorm2d(placement, mid)
-        self.gconv2 = GroupConv2d(placement, mid, branch, 1, input_mode="own", bias=False)
+        self.gconv2 = GroupConv2d(placement, mid, branch, 1, exchange="own", bias=False)
         self.bn3 = GroupBatchNorm2d(placement, branch)
         self.relu = PerGroup(placement, nn.ReLU(), channel_wise=True)
         self.pool = PerGroup(placement, nn.AvgPool2d(3, 2, 1), channel_wise=True)
@@ -57,7 +57,7 @@ class GroupShuffleNet(nn.Module):
     def __init__(self, placement, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
         self.placement = placement
-        self.stem = GroupConv2d(placement, in_channels, STEM, 3, stride=2, padding=1, input_mode="replicated",
+        self.stem = GroupConv2d(placement, in_channels, STEM, 3, stride=2, padding=1, exchange="replicated",
                                 bias=False)
         self.bn = GroupBatchNorm2d(placement, STEM)
         self.relu = PerGroup(placement, nn.ReLU(), channel_wise=True)
@@ -67,7 +67,7 @@ class GroupShuffleNet(nn.Module):
             width = out
         self.units = nn.Sequential(*units)
         self.pool = PerGroup(placement, nn.AdaptiveAvgPool2d(1), channel_wise=True)
-        self.fc = GroupLinear(placement, width, num_classes, input_mode="all")
+        self.fc = GroupLinear(placement, width, num_classes, exchange="all")
 
     def forward(self, images):
         x = self.units(self.relu(self.bn(self.stem(images))))

@@ -7,8 +7,8 @@ between layers are ``Sharded`` (per-slot parts plus every group's size).
 """
 from parallel.comm import CommCounter
 from parallel.contracts import GroupPlacement, Runtime
-from parallel.layers import (GroupConv2d, GroupLinear, PerGroup, ShardedModule, full_state_dict, gather_output,
-                             load_full_state_dict)
+from parallel.layers import (GroupConv2d, GroupLinear, PerGroup, ShardedModule, full_state_dict, full_state_slices,
+                             gather_output, load_full_state_dict)
 from parallel.dropout import GroupDropout
 from parallel.norm import GroupBatchNorm2d
 from parallel.placement import LocalPlacement, PlacementError, split_sizes
@@ -17,6 +17,6 @@ from parallel.sharded import Sharded, add, cat, shard
 from parallel.shuffle import ChannelShuffle
 
 __all__ = ["CommCounter", "GroupConv2d", "GroupLinear", "GroupBatchNorm2d", "GroupDropout", "PerGroup",
-           "ShardedModule", "gather_output", "full_state_dict",
+           "ShardedModule", "gather_output", "full_state_dict", "full_state_slices",
            "load_full_state_dict", "LocalPlacement", "LocalRuntime", "PlacementError", "split_sizes",
            "GroupPlacement", "Runtime", "Sharded", "shard", "add", "cat", "ChannelShuffle"]

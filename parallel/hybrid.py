@@ -90,12 +90,16 @@ class HybridRuntime(DistributedRuntime):
 
 
 def init_hybrid_from_env(groups: int, backend: str = "auto", timeout_s: float = 600,
-                         counter: CommCounter | None = None):
-    """Under torchrun with K ranks: (conv placement, fc placement, row exchange, runtime) for this rank."""
+                         counter: CommCounter | None = None, conv_counter: CommCounter | None = None):
+    """Under torchrun with K ranks: (conv placement, fc placement, row exchange, runtime) for this rank.
+
+    ``counter`` records every exchange; ``conv_counter``, when given, takes the conv groups' instead
+    (they share this rank's device, so a count of traffic between processes leaves them out).
+    """
     device, world, rank, control = init_process_group_from_env(backend, timeout_s)
     counter = counter if counter is not None else CommCounter()
     world_pg = dist.group.WORLD
-    conv = LocalPlacement(groups, [str(device)], counter=counter)
+    conv = LocalPlacement(groups, [str(device)], counter=conv_counter if conv_counter is not None else counter)
     fc = DistributedPlacement(world, world, world_pg, rank, device, counter=counter)
     rows = RowExchange(world_pg, rank, world, device, counter, control_pg=control)
     runtime = HybridRuntime(world_pg, control, rank, rank, world, device, counter=counter)

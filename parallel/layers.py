@@ -32,7 +32,7 @@ from parallel.streams import SideStreams, run_on_streams
 
 #: where a group's input comes from: its own group's maps, every group's (all-gather), the
 #: g-th 1/G slice of every group's (channel shuffle), or one input every group reads whole
-INPUT_MODES = ("own", "all", "shuffle", "replicated")
+EXCHANGES = ("own", "all", "shuffle", "replicated")
 
 
 def slot_row_ranges(placement, group_out: list[int]) -> list[tuple[int, int]]:
@@ -75,26 +75,26 @@ class ShardedModule(nn.Module):
 class _GroupSharded(ShardedModule):
     """Bookkeeping shared by the sharded layers: output rows per group and per slot."""
 
-    def __init__(self, placement, in_features: int, out_features: int, input_mode: str, name: str | None,
+    def __init__(self, placement, in_features: int, out_features: int, exchange: str, name: str | None,
                  default_name: str, uneven_ok: bool, groups: int | None, dtype: torch.dtype | None):
         super().__init__()
         name = name or default_name
-        if input_mode not in INPUT_MODES:
-            raise ValueError(f"{name}: input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"{name}: exchange must be one of {EXCHANGES}, got {exchange!r}")
         G = groups or placement.groups
         check_dealable(G, placement.num_slots, name)
-        if out_features % G and not (uneven_ok and input_mode in ("all", "replicated")):
+        if out_features % G and not (uneven_ok and exchange in ("all", "replicated")):
             raise ValueError(f"{name}: {out_features} output channels do not divide by {G} groups")
-        if input_mode in ("own", "shuffle") and in_features % G:
+        if exchange in ("own", "shuffle") and in_features % G:
             raise ValueError(f"{name}: {in_features} input channels do not divide by {G} groups")
-        if input_mode == "shuffle" and in_features % (G * G):
+        if exchange == "shuffle" and in_features % (G * G):
             raise ValueError(f"{name}: a channel shuffle over {G} groups splits each group's {in_features // G} "
                              f"maps into {G} slices; use a number of input channels divisible by {G * G}")
         self.placement = placement
         self.name = name
         # the byte counter's key: the display name, made unique among the counter's live layers
         self.key = placement.counter.claim(name, self)
-        self.input_mode = input_mode
+        self.exchange = exchange
         self.groups = G
         self.dtype = dtype
         self.per_slot = G // placement.num_slots
@@ -169,7 +169,8 @@ class _GroupSharded(ShardedModule):
         expected = (rows, *self.weights[0].shape[1:])
         weight = full["weight"]
         if weight.shape[0] != rows or weight[0].numel() != self.weights[0][0].numel():
-            raise ValueError(f"{self.name}: weight of shape {tuple(weight.shape)} does not fit {expected}")
+            raise ValueError(f"{self.name}.weight: shape {tuple(weight.shape)} does not fit this layer's {expected} "
+                             "(a state of another group count or geometry?)")
         if ("bias" in full) != bool(len(self.biases)):
             raise ValueError(f"{self.name}: the layer {'has' if len(self.biases) else 'has no'} bias, the state "
                              f"{'has' if 'bias' in full else 'has no'} bias")
@@ -191,16 +192,16 @@ class _GroupSharded(ShardedModule):
         """The tensor each slot computes from: its own maps, all groups' maps, its shuffled slices,
         or the replicated input."""
         slots = self.placement.local_slots
-        if self.input_mode == "replicated":
+        if self.exchange == "replicated":
             return [x.to(s.device, non_blocking=True) for s in slots]
         if not isinstance(x, Sharded):
             raise TypeError(f"{self.name}: expected a parallel.Sharded activation (per-slot parts and every "
                             f"group's size; parallel.shard() makes one from a full tensor), got {type(x).__name__}")
         if len(x.parts) != len(slots):
             raise ValueError(f"{self.name}: expected {len(slots)} shards, got {len(x.parts)}")
-        if self.input_mode == "all":
+        if self.exchange == "all":
             return self.placement.gather(list(x.parts), dim, self.key, x.group_sizes)
-        if self.input_mode == "shuffle":
+        if self.exchange == "shuffle":
             return self.placement.shuffle(list(x.parts), self.key, self.groups)
         return list(x.parts)
 
@@ -224,12 +225,12 @@ class GroupConv2d(_GroupSharded):
     """
 
     def __init__(self, placement, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
-                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0, input_mode: str = "own",
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0, exchange: str = "own",
                  name: str | None = None, dilation: int | tuple[int, int] = 1, bias: bool = True,
                  groups: int | None = None, padding_mode: str = "zeros", dtype: torch.dtype | None = None):
-        super().__init__(placement, in_channels, out_channels, input_mode, name, "conv", uneven_ok=False,
+        super().__init__(placement, in_channels, out_channels, exchange, name, "conv", uneven_ok=False,
                          groups=groups, dtype=dtype)
-        grouped = input_mode in ("own", "shuffle")
+        grouped = exchange in ("own", "shuffle")
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         self.padding_mode = padding_mode
         self.padding, self.explicit_pad = self._check_padding(padding, padding_mode)
@@ -323,12 +324,12 @@ class GroupLinear(_GroupSharded):
     k groups does one batched matmul.
     """
 
-    def __init__(self, placement, in_features: int, out_features: int, input_mode: str = "all",
+    def __init__(self, placement, in_features: int, out_features: int, exchange: str = "all",
                  name: str | None = None, bias: bool = True, groups: int | None = None,
                  dtype: torch.dtype | None = None):
-        super().__init__(placement, in_features, out_features, input_mode, name, "fc", uneven_ok=True, groups=groups,
+        super().__init__(placement, in_features, out_features, exchange, name, "fc", uneven_ok=True, groups=groups,
                          dtype=dtype)
-        self.block_diagonal = input_mode in ("own", "shuffle")
+        self.block_diagonal = exchange in ("own", "shuffle")
         self.in_per_output = in_features // self.groups if self.block_diagonal else in_features
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
             self._add_block((hi - lo, self.in_per_output), slot.device, bias)
@@ -402,45 +403,66 @@ def sharded_layers(model: nn.Module) -> dict[str, ShardedModule]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ShardedModule)}
 
 
-def _plain_state(model: nn.Module, value_of=None) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` entries outside every sharded module: copies in every process.
-    ``value_of(param)`` substitutes the parameters' entries (buffers stay themselves)."""
+def _plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and persistent buffers outside every sharded module, by state_dict key:
+    copies in every process."""
     prefixes = tuple(f"{name}." for name in sharded_layers(model))
-    state = {k: v for k, v in model.state_dict().items()
-             if not k.startswith(prefixes) and not k.endswith("_extra_state")}
-    if value_of is not None:
-        state.update({k: value_of(p) for k, p in model.named_parameters() if k in state})
-    return state
+    keys = {k for k in model.state_dict() if not k.startswith(prefixes) and not k.endswith("_extra_state")}
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    return {k: tensors[k] for k in model.state_dict() if k in keys}
 
 
-def full_state_dict(model: nn.Module, value_of=None) -> dict[str, torch.Tensor]:
+def _plain_state(model: nn.Module, value_of=None) -> dict[str, torch.Tensor]:
+    """``_plain_tensors`` detached; ``value_of(param)`` substitutes the parameters' entries (buffers stay
+    themselves)."""
+    params = dict(model.named_parameters())
+    return {k: (value_of(t) if value_of is not None and k in params else t).detach()
+            for k, t in _plain_tensors(model).items()}
+
+
+def full_state_dict(model: nn.Module, value_of=None, everywhere: bool = True) -> dict[str, torch.Tensor] | None:
     """The single-device twin's state dict (CPU): every sharded module's full tensors under
     ``"<module>.<twin key>"`` and every other parameter and buffer as it is.
 
     The portable format: it loads (``load_full_state_dict``) under every placement, and
     into the twin itself. ``value_of(param)`` maps something of each parameter's shape
-    instead (``lambda p: p.grad``: the twin's gradients). A collective when distributed.
+    instead (``lambda p: p.grad``: the twin's gradients; an optimizer's momentum buffers).
+    A collective when distributed: every rank calls it. ``everywhere=False`` (checkpoints):
+    only global rank 0 assembles the tensors, every other rank gets None.
     """
-    out = {}
-    for name, layer in sharded_layers(model).items():
-        for key, value in layer.to_full(value_of).items():
+    out, received = {}, True
+    for name, layer in sharded_layers(model).items():  # every layer on every rank: each is a collective
+        for key, value in layer.to_full(value_of, everywhere).items():
+            received = received and value is not None
             out[f"{name}.{key}"] = value
     out.update({k: v.detach().cpu() for k, v in _plain_state(model, value_of).items()})
+    return out if received else None
+
+
+def full_state_slices(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+    """What each of this process's parameters and buffers holds of a full state dict: its rows of
+    the twin's tensors (sharded modules) or the whole tensor (the rest), on its own device.
+    ``load_full_state_dict`` copies them; an optimizer's state maps the same way (momentum)."""
+    out = {}
+    for name, layer in sharded_layers(model).items():
+        part = {key: state[f"{name}.{key}"] for key in layer.full_keys if f"{name}.{key}" in state}
+        if layer.full_keys[0] not in part:
+            raise KeyError(f"the state has no {name}.{layer.full_keys[0]}")
+        out.update(layer.slices_of(part))
+    plain = _plain_tensors(model)
+    missing = [k for k in plain if k not in state]
+    if missing:
+        raise KeyError(f"the state has no {', '.join(missing[:5])}")
+    for k, v in plain.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{k}: shape {tuple(state[k].shape)} does not fit {tuple(v.shape)}")
+        out[v] = state[k].to(v.device)
     return out
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Shard a full (single-device) state dict into every sharded module, for whatever placement
     it has; other parameters and buffers are copied as they are."""
-    for name, layer in sharded_layers(model).items():
-        part = {key: state[f"{name}.{key}"] for key in layer.full_keys if f"{name}.{key}" in state}
-        if layer.full_keys[0] not in part:
-            raise KeyError(f"the state has no {name}.{layer.full_keys[0]}")
-        layer.load_full(part)
-    plain = _plain_state(model)
-    missing = [k for k in plain if k not in state]
-    if missing:
-        raise KeyError(f"the state has no {', '.join(missing[:5])}")
     with torch.no_grad():
-        for k, v in plain.items():
-            v.copy_(state[k])
+        for target, value in full_state_slices(model, state).items():
+            target.copy_(value)

@@ -101,11 +101,12 @@ class GroupBatchNorm2d(ShardedModule):
 
     # --- the twin: nn.BatchNorm2d(num_features) ---
 
-    def to_full(self, value_of=None) -> dict[str, torch.Tensor]:
+    def to_full(self, value_of=None, everywhere: bool = True) -> dict[str, torch.Tensor]:
         """The twin's state (CPU), each tensor's rows stacked in group order; a collective when distributed.
 
         ``value_of(param)`` substitutes a tensor of the parameter's shape (a gradient, a momentum
         buffer) for the affine parameters; the running statistics are always themselves.
+        ``everywhere=False``: the stacked tensors on global rank 0 only (None elsewhere).
         """
         value_of = value_of or (lambda p: p.detach())
         out = {}
@@ -116,7 +117,7 @@ class GroupBatchNorm2d(ShardedModule):
             tensors = [getattr(n, key) for n in self.norms]
             if key in ("weight", "bias"):
                 tensors = [value_of(t) for t in tensors]
-            out[key] = self.placement.assemble_rows([t.detach() for t in tensors])
+            out[key] = self.placement.assemble_rows([t.detach() for t in tensors], everywhere)
         return out
 
     def slices_of(self, full: dict[str, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:

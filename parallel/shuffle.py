@@ -8,7 +8,7 @@ permutation (h, g, c) -> (g, h, c) of (source group h, destination group g, c in
 
 Inside a slot it is that permutation; between local slots, one copy per pair of slots;
 between processes, one all-to-all (backward: the inverse). Each group receives
-(G - 1) / G of its maps from the others, counted by the same rule as ``input_mode="shuffle"``,
+(G - 1) / G of its maps from the others, counted by the same rule as ``exchange="shuffle"``,
 which is this module fused into the layer that consumes it.
 """
 from __future__ import annotations

@@ -38,6 +38,7 @@ def from_reference(state_path: str, config: str, overrides: list[str], out: str)
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ckpt_io.CheckpointError(f"{state_path!r} is not a readable state_dict ({ckpt_io.first_line(e)})") from None
+    state = ckpt_io.upgrade_reference_keys(state)  # also one exported before the fc layers were re-keyed
     ref = ReferenceAlexNet(spec_from_config(cfg))
     try:
         ref.load_state_dict(state)

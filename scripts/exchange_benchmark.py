@@ -36,16 +36,14 @@ def _worker(rank: int, world: int, store: str, geometry: str, batch: int, steps:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     import torch.distributed as dist
 
-    from alexnet.build import placement_from_config, spec_from_config
+    from alexnet.build import Where, placement_from_config, spec_from_config
     from alexnet.config import load
     from alexnet.engine import Trainer, train_step
-    from alexnet.fit import build_run, sgd_from_config
-    from alexnet.model import GroupAlexNet
+    from alexnet.fit import build_run
     from parallel import CommCounter
-    from parallel.distributed import DistributedPlacement, init_process_group_from_env, join_spawned_world
+    from parallel.distributed import init_process_group_from_env, join_spawned_world
+    from parallel.hybrid import init_hybrid_from_env
     from parallel.roles import split_over
-    from parallel.hybrid import HybridRuntime, RowExchange
-    from parallel.placement import LocalPlacement
     join_spawned_world(rank, world, store, backend)
     device, _, _, _ = init_process_group_from_env(backend)
     base = load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"])
@@ -54,33 +52,29 @@ def _worker(rank: int, world: int, store: str, geometry: str, batch: int, steps:
     x = torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, generator=gen).to(device)
     y = torch.randint(0, spec.num_classes, (batch,), generator=gen).to(device)
     mine = torch.tensor_split(torch.arange(batch), world)[rank]
-    world_pg = dist.group.WORLD
     runs = {}
     for name in VARIANTS:
         counter = CommCounter(timed=True)
         cfg = load(GEOMETRIES[geometry].format(G=world), [
             "model.dropout=0.0", f"parallel.backend={backend}",
-            "parallel.placement=" + ("local" if name == "hybrid" else "distributed")] +
+            "parallel.placement=" + ("hybrid" if name == "hybrid" else "distributed")] +
             (["model.exchange.conv3=shuffle"] if name == "shuffle" else []))
         if name == "hybrid":
-            # train.py's hybrid (parallel.hybrid.init_hybrid_from_env) but for one thing: the conv groups,
-            # which share one device, count into a counter of their own, as their exchange is no traffic
-            # between processes
-            fc = DistributedPlacement(world, world, world_pg, rank, device, counter=counter)
-            runtime = HybridRuntime(world_pg, None, rank, rank, world, device, counter=counter)
-            conv = LocalPlacement(world, [str(device)], counter=CommCounter())
-            model = GroupAlexNet(spec_from_config(cfg), conv, fc_placement=fc,
-                                 rows=RowExchange(world_pg, rank, world, device, counter))
+            # train.py's hybrid; its conv groups, which share this rank's device, count into a counter of
+            # their own: their exchange is no traffic between processes
+            conv, fc, rows, runtime = init_hybrid_from_env(spec.slot_groups, backend, counter=counter,
+                                                           conv_counter=CommCounter())
+            where = Where(conv, runtime, fc, rows)
             inputs, labels = x[mine], y[mine]
+        else:  # train.py's distributed placement, built by train.py's code
+            where = placement_from_config(cfg, counter=counter)
+            inputs, labels = x, y
+        _, placement, runtime, model, optimizer = build_run(cfg, where)
+        trainer = Trainer(model, optimizer, placement, runtime)
+        if name == "hybrid":
             # the conv weights' gradient all-reduce, as a ring moves it: every rank receives 2 (K-1)/K of them
             conv_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if split_over(p) is None)
             counter.record("conv_grad_allreduce", 0, 2 * (world - 1) * conv_bytes)
-            trainer = Trainer(model, sgd_from_config(cfg, model.parameters(), fc), fc, runtime)
-        else:  # train.py's distributed placement, built by train.py's code
-            where = placement_from_config(cfg, counter=counter)
-            _, placement, runtime, model, optimizer = build_run(cfg, where)
-            trainer = Trainer(model, optimizer, placement, runtime)
-            inputs, labels = x, y
         runs[name] = (trainer, inputs, labels, counter)
 
     def step(name: str) -> None:

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from parallel import full_state_dict, load_full_state_dict
+
 
 def rendezvous_file() -> str:
     """A fresh FileStore path for one spawned world (no port to pick, so none another process can take)."""
@@ -25,7 +27,7 @@ def alexnet_on_this_rank(spec):
     from parallel.distributed import init_from_env
     placement, runtime = init_from_env(spec.slot_groups, "gloo")
     model = GroupAlexNet(spec, placement)
-    model.load_reference(init_reference_state(spec, 0))
+    load_full_state_dict(model, init_reference_state(spec, 0))
     return placement, runtime, model
 
 
@@ -46,7 +48,7 @@ def equivalence(rank: int, world: int, store: str, groups: int, out: str, steps:
     loss = F.cross_entropy(logits, y[mine])
     loss.backward()
     runtime.sync_gradients(model.parameters())
-    grads = model.to_reference(lambda p: p.grad)
+    grads = full_state_dict(model, lambda p: p.grad)
     counted = placement.counter.snapshot()
     all_logits = [torch.empty(0)] * runtime.num_replicas
     dist.all_gather_object(all_logits, logits.detach(), group=runtime.data_pg)
@@ -60,7 +62,7 @@ def equivalence(rank: int, world: int, store: str, groups: int, out: str, steps:
         runtime.sync_gradients(model.parameters())
         opt.step()
         curve.append(runtime.all_reduce_sum(loss.detach().reshape(1)).item() / runtime.num_replicas)
-    final = model.to_reference()
+    final = full_state_dict(model)
     if rank == 0:
         torch.save({"logits": torch.cat(all_logits), "grads": grads, "counted": counted, "curve": curve,
                     "final": final, "replica_batch": len(mine)}, out)
@@ -73,8 +75,8 @@ def uneven_chain(rank: int, world: int, store: str, out: str):
     from parallel import GroupLinear, gather_output
     from parallel.distributed import init_from_env
     placement, _ = init_from_env(world, "gloo")
-    first = GroupLinear(placement, 6, 10, input_mode="replicated", name="a")
-    second = GroupLinear(placement, 10, 10, input_mode="all", name="b")
+    first = GroupLinear(placement, 6, 10, exchange="replicated", name="a")
+    second = GroupLinear(placement, 10, 10, exchange="all", name="b")
     gen = torch.Generator().manual_seed(3)
     full = {"a": {"weight": torch.randn(10, 6, generator=gen), "bias": torch.randn(10, generator=gen)},
             "b": {"weight": torch.randn(10, 10, generator=gen), "bias": torch.randn(10, generator=gen)}}
@@ -97,7 +99,6 @@ def resnext_equivalence(rank: int, world: int, store: str, out: str):
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
     import resnext
-    from parallel import load_full_state_dict
     from parallel.distributed import init_from_env
     from parallel.layers import sharded_layers
     placement, _ = init_from_env(world, "gloo")
@@ -126,7 +127,7 @@ def topology_equivalence(rank: int, world: int, store: str, spec_kw: dict, out: 
     x, y = batch_of(4)
     logits = model(x)
     F.cross_entropy(logits, y).backward()
-    grads = model.to_reference(lambda p: p.grad)
+    grads = full_state_dict(model, lambda p: p.grad)
     if rank == 0:
         torch.save({"logits": logits.detach(), "grads": grads, "counted": placement.counter.snapshot(),
                     "slots": placement.num_slots}, out)
@@ -144,13 +145,13 @@ def hybrid_equivalence(rank: int, world: int, store: str, groups: int, batch: in
     spec = tiny_spec(groups)
     conv, fc, rows, runtime = init_hybrid_from_env(spec.slot_groups, "gloo")
     model = GroupAlexNet(spec, conv, fc_placement=fc, rows=rows)
-    model.load_reference(init_reference_state(spec, 0))
+    load_full_state_dict(model, init_reference_state(spec, 0))
     x, y = batch_of(batch)
     mine = torch.tensor_split(torch.arange(batch), world)[rank]
     logits = model(x[mine])
     F.cross_entropy(logits, y[mine]).backward()
     runtime.sync_gradients(model.parameters())
-    grads = model.to_reference(lambda p: p.grad)
+    grads = full_state_dict(model, lambda p: p.grad)
     all_logits = [None] * world
     dist.all_gather_object(all_logits, logits.detach())
     # the CPU control group that NCCL runs use for row counts and stop votes, driven on gloo here
@@ -176,7 +177,7 @@ def replicas_uneven(rank: int, world: int, store: str, groups: int, batch: int, 
     mine = torch.tensor_split(torch.arange(batch), runtime.num_replicas)[runtime.replica]
     F.cross_entropy(model(x[mine]), y[mine]).backward()
     runtime.sync_gradients(model.parameters(), rows=len(mine))
-    grads = model.to_reference(lambda p: p.grad)
+    grads = full_state_dict(model, lambda p: p.grad)
     if rank == 0:
         torch.save({"grads": grads}, out)
     finish()
@@ -216,7 +217,6 @@ def example_batch(name: str):
 def example_step(net, name: str) -> dict:
     """What the test compares with the twin: the initial state, train-mode logits and every gradient,
     the state after (running statistics), and eval-mode logits."""
-    from parallel import full_state_dict
     initial = full_state_dict(net)
     x, y = example_batch(name)
     logits = net(x)
@@ -244,7 +244,6 @@ def seeded_init(rank: int, world: int, store: str, groups: int, out: str):
     """The README's API, seeded, under ``world`` ranks (world / groups replicas): every rank saves its
     full_state_dict (rank r to out.r)."""
     setup(rank, world, store)
-    from parallel import full_state_dict
     from parallel.distributed import init_from_env
     from test_library import readme_network
     placement, _ = init_from_env(groups, "gloo")
@@ -257,12 +256,12 @@ def synced_batchnorm(rank: int, world: int, store: str, out: str):
     """D = world replicas of G = 1 on unequal slices (3 and 5 rows): a conv, GroupBatchNorm2d(sync=True)
     and a loss; rank 0 saves the output rows, the synced gradients and the running statistics."""
     setup(rank, world, store)
-    from parallel import GroupBatchNorm2d, GroupConv2d, full_state_dict
+    from parallel import GroupBatchNorm2d, GroupConv2d
     from parallel.distributed import init_from_env
     from test_library import bn_batch
     placement, runtime = init_from_env(1, "gloo")
     torch.manual_seed(0)
-    conv = GroupConv2d(placement, 3, 4, 3, input_mode="replicated", dtype=torch.float64)
+    conv = GroupConv2d(placement, 3, 4, 3, exchange="replicated", dtype=torch.float64)
     bn = GroupBatchNorm2d(placement, 4, sync=True, dtype=torch.float64)
     x, target = bn_batch()
     mine = [slice(0, 3), slice(3, 8)][runtime.replica]
@@ -338,5 +337,5 @@ def checkpoint_gather(rank: int, world: int, store: str, groups: int, out: str):
     _, _, model = alexnet_on_this_rank(tiny_spec(groups))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     torch.save({"weights": ckpt_io.model_state(model), "optimizer": ckpt_io.optimizer_state(model, optimizer),
-                "everywhere": model.to_reference()}, f"{out}.{rank}")
+                "everywhere": full_state_dict(model)}, f"{out}.{rank}")
     finish()

@@ -46,6 +46,7 @@ def test_smoke_run_writes_events_metrics_summary(root, tmp_path):
     (["--set", "data.dataset=imagefolder", "--set", "data.root=/nonexistent"], "/nonexistent"),
     (["--set", "optim.lr=1e6"], "training diverged"),
     (["--set", "train.epochs=0"], "train.epochs must be >= 1"),
+    (["--set", "model.cross_group=[conv3]"], "write model.exchange: {conv3: all, fc6: own, fc7: own, fc8: own}"),
 ])
 def test_bad_input_is_one_line_and_exit_2(root, tmp_path, args, needle):
     proc = run_cli(root, "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}", *args)
@@ -60,6 +61,23 @@ def test_bad_input_is_one_line_and_exit_2(root, tmp_path, args, needle):
 def test_mistyped_key_suggests_closest():
     with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
         load("configs/smoke.yaml", ["optim.lrr=0.1"])
+
+
+def test_retired_cross_group_names_the_exchange_that_means_the_same(tmp_path):
+    """model.cross_group (layers that all-gather) and model.exchange (overrides) are one map now: the old key
+    is refused with the map that computes what it did, and that map gives the old network."""
+    old = tmp_path / "old.yaml"
+    old.write_text("inherit: %s\nmodel:\n  cross_group: [conv3, fc6]\n" % os.path.abspath("configs/smoke.yaml"))
+    with pytest.raises(ConfigError) as e:
+        load(str(old))
+    message = str(e.value)
+    assert message == (f"{old}: model.cross_group is retired: one map says what each layer reads of the other "
+                       "groups; write model.exchange: {conv3: all, fc6: all, fc7: own, fc8: own} instead")
+    replacement = message.split("write model.exchange: ")[1].removesuffix(" instead")
+    spec = load_and_build("configs/smoke.yaml", [f"model.exchange={replacement}"])
+    assert [(i.name, i.exchange) for i in spec.layers()] == [
+        ("conv1", "replicated"), ("conv2", "own"), ("conv3", "all"), ("conv4", "own"), ("conv5", "own"),
+        ("fc6", "all"), ("fc7", "own"), ("fc8", "own")]
 
 
 def test_g3_with_256_wide_conv2_names_fix():
@@ -97,6 +115,47 @@ def test_resumed_run_continues_exactly(tmp_path, device, extra):
     sb = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)
     for key in sa["model"]:
         assert torch.equal(sa["model"][key], sb["model"][key]), key
+
+
+def as_format_1(ckpt: dict) -> dict:
+    """What the code before checkpoint format 2 wrote for the same run: block-diagonal fc layers keyed
+    fc6.conv.weight of shape (out, in/G, 1), and the config's model.cross_group list."""
+    def old_keys(state):
+        out = {}
+        for key, value in state.items():
+            name, leaf = key.split(".")
+            grouped = name.startswith("fc") and ckpt["config"]["model"]["exchange"].get(name, "own") == "own"
+            out[f"{name}.conv.{leaf}" if grouped else key] = value.unsqueeze(-1) if grouped and leaf == "weight" \
+                else value
+        return out
+    model = dict(ckpt["config"]["model"])
+    exchange = model.pop("exchange")
+    model["cross_group"] = [name for name, how in exchange.items() if how == "all"]
+    model["exchange"] = {name: how for name, how in exchange.items() if how == "shuffle"}
+    return dict(ckpt, format=1, config=dict(ckpt["config"], model=model), model=old_keys(ckpt["model"]),
+                optimizer={"momentum": old_keys(ckpt["optimizer"]["momentum"])})
+
+
+def test_format_1_checkpoint_resumes_as_the_run_that_wrote_it(tmp_path):
+    """A checkpoint of the old layout (fc6.conv.weight, model.cross_group) resumes exactly as today's."""
+    grouped_fc = ["model.exchange.fc6=own", "model.exchange.fc7=own"]
+    fit(_cfg(tmp_path, "run", "cpu", *grouped_fc), stop_after_epoch=1, quiet=True)
+    last = str(tmp_path / "run" / "checkpoints" / "last.pt")
+    new = torch.load(last, weights_only=True)
+    old = as_format_1(new)
+    assert "fc6.conv.weight" in old["model"] and "cross_group" in old["config"]["model"]
+    torch.save(old, tmp_path / "old.pt")
+    for name, path in (("from_new", last), ("from_old", str(tmp_path / "old.pt"))):
+        fit(_cfg(tmp_path, name, "cpu", *grouped_fc), resume=path, quiet=True)
+    a, b = ([json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")] for name in ("from_new", "from_old"))
+    assert [m["epoch"] for m in a] == [m["epoch"] for m in b] == [1, 2]
+    for key in ("train_loss", "val_top1_err", "val_top5_err", "val_loss", "lr", "step"):
+        assert a[-1][key] == b[-1][key], key
+    ends = [torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+            for name in ("from_new", "from_old")]
+    assert ends[0]["model"].keys() == ends[1]["model"].keys() == new["model"].keys()
+    for key in new["model"]:
+        assert torch.equal(ends[0]["model"][key], ends[1]["model"][key]), key
 
 
 def test_corrupt_checkpoint_is_one_line(root, tmp_path):

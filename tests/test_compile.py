@@ -4,23 +4,24 @@ import torch._dynamo as dynamo
 
 from alexnet.init import init_reference_state
 from alexnet.model import GroupAlexNet
+from alexnet.spec import PAPER_EXCHANGE
 from conftest import assert_close, tiny_spec
-from parallel import LocalPlacement
+from parallel import LocalPlacement, load_full_state_dict
 
 
 def _model(G, devices, **spec_kw):
     spec = tiny_spec(G, **spec_kw)
     model = GroupAlexNet(spec, LocalPlacement(spec.slot_groups, devices))
-    model.load_reference(init_reference_state(spec, 0))
+    load_full_state_dict(model, init_reference_state(spec, 0))
     return model
 
 
-SHUFFLE = dict(conv_channels=[12, 32, 36, 36, 24], exchange={"conv3": "shuffle"})
+SHUFFLE = dict(conv_channels=[12, 32, 36, 36, 24], exchange={**PAPER_EXCHANGE, "conv3": "shuffle"})
 
 
 def test_no_graph_breaks_on_one_and_several_slots():
     for G, devices, kw in ((1, ["cpu"], {}), (2, ["cpu"], {}), (4, ["cpu", "cpu"], {}), (4, ["cpu", "cpu"], SHUFFLE),
-                           ([2, 4, 4, 2, 2], ["cpu"], {"exchange": {"conv3": "own"}})):
+                           ([2, 4, 4, 2, 2], ["cpu"], {"exchange": {**PAPER_EXCHANGE, "conv3": "own"}})):
         dynamo.reset()
         explained = dynamo.explain(_model(G, devices, **kw))(torch.randn(3, 1, 32, 32))
         assert explained.graph_break_count == 0, (G, devices, kw, explained.break_reasons)
@@ -66,7 +67,7 @@ def test_cuda_speed_settings_run_on_cpu_tensors(monkeypatch):
     said = []
     runner = accel.prepare(model, cfg, model.placement, (3, 1, 32, 32), say=said.append)
     assert runner is model and torch.backends.cudnn.benchmark
-    conv2 = model.weight_layers["conv2"]
+    conv2 = model.conv2
     assert conv2.weights[0].is_contiguous(memory_format=torch.channels_last)
     assert [line.split(":")[0] for line in said] == ["conv2", "conv4", "conv5"]
     assert conv2.formulation in ("grouped", "split") and conv2.formulation in said[0]

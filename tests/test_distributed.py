@@ -14,7 +14,7 @@ from alexnet.init import init_reference_state
 from alexnet.model import GroupAlexNet
 from alexnet.reference import ReferenceAlexNet
 from conftest import assert_close, tiny_spec
-from parallel import LocalPlacement
+from parallel import LocalPlacement, full_state_dict, load_full_state_dict
 
 def standalone_torchrun(nproc: int) -> list[str]:
     """torchrun on this host; --standalone lets its store bind a port of the OS's choosing itself."""
@@ -27,7 +27,7 @@ def local_run(groups: int, steps: int):
     ref = ReferenceAlexNet(spec)
     ref.load_state_dict(state)
     model = GroupAlexNet(spec, LocalPlacement(groups, ["cpu"] * groups))
-    model.load_reference(state)
+    load_full_state_dict(model, state)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 1, 32, 32, generator=gen)
     y = torch.randint(0, 10, (8,), generator=gen)
@@ -41,7 +41,7 @@ def local_run(groups: int, steps: int):
         loss.backward()
         opt.step()
         curve.append(loss.item())
-    return spec, ref, ref_logits, curve, model.to_reference()
+    return spec, ref, ref_logits, curve, full_state_dict(model)
 
 
 @pytest.mark.parametrize("world, groups", [(2, 2), (4, 4), (4, 2)])
@@ -190,7 +190,7 @@ def test_distributed_checkpoint_consolidates_and_evaluates_locally(root, tmp_pat
     ref = ReferenceAlexNet(spec).eval()
     ref.load_state_dict(torch.load(out, weights_only=True))
     local = GroupAlexNet(spec, LocalPlacement(spec.groups, ["cpu"] * spec.groups)).eval()
-    local.load_reference(saved["model"])
+    load_full_state_dict(local, saved["model"])
     x = torch.randn(4, spec.in_channels, spec.input_size, spec.input_size)
     assert_close(local(x), ref(x))
     # the one-process placement evaluates the torchrun run's checkpoint to the same validation error

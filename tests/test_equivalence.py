@@ -6,15 +6,16 @@ import torch.nn.functional as F
 from alexnet.init import init_reference_state
 from alexnet.model import GroupAlexNet
 from alexnet.reference import ReferenceAlexNet
+from alexnet.spec import PAPER_EXCHANGE
 from conftest import assert_close, tiny_spec
-from parallel import LocalPlacement
+from parallel import LocalPlacement, full_state_dict, load_full_state_dict
 
 def build_pair(spec, devices, seed=0):
     ref = ReferenceAlexNet(spec)
     state = init_reference_state(spec, seed)
     ref.load_state_dict(state)
     model = GroupAlexNet(spec, LocalPlacement(spec.slot_groups, devices))
-    model.load_reference(state)
+    load_full_state_dict(model, state)
     return ref, model
 
 
@@ -30,7 +31,7 @@ def test_logits_and_gradients_match_reference(G, layout):
     assert_close(logits, ref_logits)
     F.cross_entropy(ref_logits, y).backward()
     F.cross_entropy(logits, y).backward()
-    grads = model.to_reference(lambda p: p.grad)
+    grads = full_state_dict(model, lambda p: p.grad)
     ref_grads = {k: p.grad for k, p in ref.named_parameters()}
     assert grads.keys() == ref_grads.keys()
     for key in grads:
@@ -39,7 +40,7 @@ def test_logits_and_gradients_match_reference(G, layout):
 
 def test_two_groups_per_slot_match_reference():
     """G = 4 over 2 slots: each slot computes its two groups in one grouped call."""
-    spec = tiny_spec(4, cross_group=["conv3", "fc7", "fc8"])  # fc6 block-diagonal: batched matmul path
+    spec = tiny_spec(4, exchange={**PAPER_EXCHANGE, "fc6": "own"})  # fc6 block-diagonal: batched matmul path
     ref, model = build_pair(spec, ["cpu", "cpu"])
     assert [list(s.groups) for s in model.placement.slots] == [[0, 1], [2, 3]]
     x = torch.randn(3, 1, 32, 32)
@@ -47,7 +48,7 @@ def test_two_groups_per_slot_match_reference():
     y = torch.randint(0, 10, (3,))
     F.cross_entropy(model(x), y).backward()
     F.cross_entropy(ref(x), y).backward()
-    grads = model.to_reference(lambda p: p.grad)
+    grads = full_state_dict(model, lambda p: p.grad)
     for key, p in ref.named_parameters():
         assert_close(grads[key], p.grad)
 
@@ -58,23 +59,39 @@ def test_weight_mapping_round_trips_exactly(G):
     state = init_reference_state(spec, 3)
     for devices in (["cpu"] * G, ["cpu"]):
         model = GroupAlexNet(spec, LocalPlacement(G, devices))
-        model.load_reference(state)
-        back = model.to_reference()
+        load_full_state_dict(model, state)
+        back = full_state_dict(model)
         assert back.keys() == state.keys()
         for key in state:
             assert torch.equal(back[key], state[key]), key
         # and shards -> reference -> shards
         other = GroupAlexNet(spec, LocalPlacement(G, devices))
-        other.load_reference(back)
+        load_full_state_dict(other, back)
         for p, q in zip(model.parameters(), other.parameters()):
             assert torch.equal(p, q)
+
+
+def test_modules_and_full_state_are_named_as_the_reference():
+    """GroupAlexNet's layers carry the reference's names, so parallel.full_state_dict is the reference's
+    state_dict (keys and shapes, block-diagonal fc layers included) and loads into it strictly."""
+    spec = tiny_spec(4, conv_channels=[12, 32, 36, 36, 24], exchange={"conv3": "shuffle", "fc7": "all", "fc8": "all"})
+    ref, model = build_pair(spec, ["cpu", "cpu"])
+    fused = ("shuffle3", "flatten")  # the shuffle is GroupConv2d's exchange, the flatten GroupLinear's
+    assert [n for n, _ in model.named_children()] == [n for n, _ in ref.named_children() if n not in fused]
+    full = full_state_dict(model)
+    assert {k: v.shape for k, v in full.items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert full["fc6.weight"].shape == (48, 24 * 3 * 3 // 4)  # pool5: 24 maps of 3 x 3; fc6 reads its group's
+    other = ReferenceAlexNet(spec)
+    other.load_state_dict(full)  # strict
+    x = torch.randn(2, 1, 32, 32)
+    assert_close(other(x), ref(x))
 
 
 def test_mapping_rejects_another_group_count():
     state = init_reference_state(tiny_spec(2), 0)
     model = GroupAlexNet(tiny_spec(4), LocalPlacement(4, ["cpu"]))
     with pytest.raises(ValueError, match="conv2.weight"):
-        model.load_reference(state)
+        load_full_state_dict(model, state)
 
 
 def test_paper_counters():

@@ -42,7 +42,7 @@ def test_group_conv2d_matches_torch(G, devices, mode, formulation):
     """Every formulation of a slot's k groups (parallel.streams runs the k convolutions in order on CPU)."""
     pl = LocalPlacement(G, devices)
     ref = nn.Conv2d(12, 24, 3, padding=1, groups=G if mode == "own" else 1)
-    layer = GroupConv2d(pl, 12, 24, 3, padding=1, input_mode=mode, name="c")
+    layer = GroupConv2d(pl, 12, 24, 3, padding=1, exchange=mode, name="c")
     layer.formulation = formulation
     load_rows(layer, ref.weight, ref.bias)
     x = torch.randn(3, 12, 8, 8, requires_grad=True)
@@ -61,7 +61,7 @@ def test_group_conv2d_matches_torch(G, devices, mode, formulation):
 def test_group_conv2d_replicated_input():
     pl = LocalPlacement(2, ["cpu", "cpu"])
     ref = nn.Conv2d(3, 8, 5, stride=2)
-    layer = GroupConv2d(pl, 3, 8, 5, stride=2, input_mode="replicated")
+    layer = GroupConv2d(pl, 3, 8, 5, stride=2, exchange="replicated")
     load_rows(layer, ref.weight, ref.bias)
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     y = cat(layer(x))
@@ -80,7 +80,7 @@ def test_group_conv2d_replicated_input():
 def test_group_linear_uneven_split_with_gathered_input(G, devices):
     pl = LocalPlacement(G, devices)
     ref = nn.Linear(24, 10)  # 10 outputs over 4 groups: 3, 3, 2, 2
-    layer = GroupLinear(pl, 24, 10, input_mode="all", name="fc")
+    layer = GroupLinear(pl, 24, 10, exchange="all", name="fc")
     assert layer.group_out == split_sizes(10, G)
     load_rows(layer, ref.weight, ref.bias)
     x = torch.randn(5, 24, requires_grad=True)
@@ -99,7 +99,7 @@ def test_group_linear_uneven_split_with_gathered_input(G, devices):
 def test_group_linear_block_diagonal(G, devices):
     pl = LocalPlacement(G, devices)
     ref = nn.Conv1d(24, 12, 1, groups=G)  # grouped 1x1 conv == block-diagonal linear
-    layer = GroupLinear(pl, 24, 12, input_mode="own", name="fc")
+    layer = GroupLinear(pl, 24, 12, exchange="own", name="fc")
     load_rows(layer, ref.weight, ref.bias)
     x = torch.randn(5, 24, requires_grad=True)
     xs = shard(x.detach(), pl)
@@ -188,7 +188,7 @@ def assert_conv_equals_twin(layer, pl, ref, x):
 
 def test_split_formulation_equals_grouped_conv_forward_and_backward():
     pl = LocalPlacement(4, ["cpu", "cpu"])
-    layer = GroupConv2d(pl, 8, 12, 3, padding=1, input_mode="own")
+    layer = GroupConv2d(pl, 8, 12, 3, padding=1, exchange="own")
     layer.formulation = "split"
     assert_conv_equals_twin(layer, pl, nn.Conv2d(8, 12, 3, padding=1, groups=4), torch.randn(2, 8, 5, 5))
 
@@ -196,8 +196,8 @@ def test_split_formulation_equals_grouped_conv_forward_and_backward():
 def test_conv_formulation_tuner_decides_each_grouped_layer_and_caches():
     from parallel.tuning import choose_conv_formulations
     pl = LocalPlacement(4, ["cpu"])
-    net = nn.Sequential(GroupConv2d(pl, 3, 8, 3, input_mode="replicated", name="a"),
-                        GroupConv2d(pl, 8, 8, 3, input_mode="own", name="b"))
+    net = nn.Sequential(GroupConv2d(pl, 3, 8, 3, exchange="replicated", name="a"),
+                        GroupConv2d(pl, 8, 8, 3, exchange="own", name="b"))
     x = torch.randn(2, 3, 9, 9)
     expected = net(x)
     cache = {}
@@ -213,7 +213,7 @@ def test_conv_formulation_tuner_decides_each_grouped_layer_and_caches():
 def test_conv_with_tuple_geometry_dilation_and_no_bias_equals_torch(devices):
     pl = LocalPlacement(2, devices)
     layer = GroupConv2d(pl, 4, 6, (3, 1), stride=(2, 1), padding=(2, 0), dilation=(2, 1), bias=False,
-                        input_mode="own")
+                        exchange="own")
     ref = nn.Conv2d(4, 6, (3, 1), stride=(2, 1), padding=(2, 0), dilation=(2, 1), groups=2, bias=False)
     assert_conv_equals_twin(layer, pl, ref, torch.randn(2, 4, 7, 5))
     assert set(layer.to_full()) == {"weight"} and torch.equal(layer.to_full()["weight"], ref.weight.detach())
@@ -223,10 +223,10 @@ def test_linear_without_bias_and_full_state_round_trip():
     from parallel import full_state_dict, load_full_state_dict
     pl = LocalPlacement(4, ["cpu", "cpu"])
     with pytest.raises(ValueError, match="10 input channels do not divide"):
-        GroupLinear(pl, 10, 8, input_mode="own")
+        GroupLinear(pl, 10, 8, exchange="own")
     # an own-mode layer needs in_features divisible by G: 8 -> 8 over 4 groups
-    net = nn.Sequential(GroupLinear(pl, 6, 8, input_mode="replicated", bias=False),
-                        GroupLinear(pl, 8, 8, input_mode="own"))
+    net = nn.Sequential(GroupLinear(pl, 6, 8, exchange="replicated", bias=False),
+                        GroupLinear(pl, 8, 8, exchange="own"))
     full = {"0.weight": torch.randn(8, 6), "1.weight": torch.randn(8, 2), "1.bias": torch.randn(8)}
     load_full_state_dict(net, full)
     back = full_state_dict(net)

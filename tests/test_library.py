@@ -19,11 +19,11 @@ def readme_network(placement) -> nn.Module:
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = GroupConv2d(placement, 1, 8, 3, padding=1, input_mode="replicated")
+            self.stem = GroupConv2d(placement, 1, 8, 3, padding=1, exchange="replicated")
             self.bn = GroupBatchNorm2d(placement, 8)
             self.relu = PerGroup(placement, nn.ReLU(), channel_wise=True)
-            self.grouped = GroupConv2d(placement, 8, 8, 3, padding=1, input_mode="own")
-            self.mix = GroupConv2d(placement, 8, 8, 1, input_mode="all")
+            self.grouped = GroupConv2d(placement, 8, 8, 3, padding=1, exchange="own")
+            self.mix = GroupConv2d(placement, 8, 8, 1, exchange="all")
             self.pool = PerGroup(placement, nn.AdaptiveAvgPool2d(1), channel_wise=True)
             self.head = GroupLinear(placement, 8, 10)
 
@@ -66,8 +66,8 @@ def test_seeded_network_is_the_same_under_torchrun_ranks_and_replicas(tmp_path, 
 @pytest.mark.parametrize("devices", [["cpu"], ["cpu", "cpu"]])
 def test_layers_initialise_as_their_twins_from_the_same_rng_state(devices):
     pl = LocalPlacement(2, devices)
-    cases = [(lambda: GroupConv2d(pl, 4, 6, 3, input_mode="own"), lambda: nn.Conv2d(4, 6, 3, groups=2)),
-             (lambda: GroupConv2d(pl, 4, 6, 3, input_mode="all"), lambda: nn.Conv2d(4, 6, 3)),
+    cases = [(lambda: GroupConv2d(pl, 4, 6, 3, exchange="own"), lambda: nn.Conv2d(4, 6, 3, groups=2)),
+             (lambda: GroupConv2d(pl, 4, 6, 3, exchange="all"), lambda: nn.Conv2d(4, 6, 3)),
              (lambda: GroupLinear(pl, 12, 10), lambda: nn.Linear(12, 10)),
              (lambda: GroupBatchNorm2d(pl, 6), lambda: nn.BatchNorm2d(6))]
     for ours, twin in cases:
@@ -160,7 +160,7 @@ def test_synced_batchnorm_over_unequal_replicas_equals_one_process_on_the_global
 
 def test_unnamed_layers_never_share_a_byte_count_and_report_by_module_path():
     pl = LocalPlacement(2, ["cpu", "cpu"])
-    net = nn.Sequential(*[GroupConv2d(pl, 4, 4, 1, input_mode="all") for _ in range(3)])
+    net = nn.Sequential(*[GroupConv2d(pl, 4, 4, 1, exchange="all") for _ in range(3)])
     net(shard(torch.randn(2, 4, 3, 3), pl))
     one = 2 * (2 * 4 * 3 * 3 * 4 // 2)  # each of 2 groups receives the other's half of the fp32 maps
     assert pl.counter.total() == 3 * 2 * one  # three layers, forward and backward each
@@ -194,7 +194,7 @@ def test_channel_shuffle_module_equals_the_reference_permutation_and_counts_like
     expected.backward(g)
     assert torch.equal(torch.cat([p.grad for p in xs.parts], 1), x.grad)
     fused = LocalPlacement(G, devices)
-    GroupConv2d(fused, 2 * G * G, G, 1, input_mode="shuffle", name="shuffle")(shard(x.detach(), fused))
+    GroupConv2d(fused, 2 * G * G, G, 1, exchange="shuffle", name="shuffle")(shard(x.detach(), fused))
     assert pl.counter.snapshot() == fused.counter.snapshot()
     with pytest.raises(ValueError, match=f"do not divide by {G * G}"):
         module(shard(torch.randn(1, G * (G + 1), 2, 2), pl))

@@ -183,5 +183,19 @@ def close_process_group() -> None:
             print(f"warning: could not close the process group ({type(e).__name__}: {e})", file=sys.stderr)
 
 
+def leave(code: int) -> None:
+    """Exit with ``code``. A finished run under torchrun (everything written, closed and the process group
+    destroyed) leaves through os._exit: gloo's threads can abort the interpreter's own shutdown
+    ("terminate called without an active exception", SIGABRT), which would turn a finished run into a
+    failed one for torchrun (and a --max-restarts restart). Any other exit keeps Python's shutdown, which
+    flushes whatever an error left open."""
+    from alexnet.build import launched_by_torchrun
+    if code == 0 and launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -105,7 +105,6 @@ def train_one_epoch(t: Trainer, loader, schedule, epoch: int, step: int, hooks: 
     """
     hooks = hooks or EpochHooks()
     model, optimizer, placement, runtime = t.model, t.optimizer, t.placement, t.runtime
-    progress, on_log, log_every, should_stop = hooks.progress, hooks.on_log, hooks.log_every, hooks.should_stop
     model.train()
     device = placement.output_device
     carry = carry or {"sums": [0.0] * 4, "seen": 0, "train_s": 0.0}
@@ -140,23 +139,14 @@ def train_one_epoch(t: Trainer, loader, schedule, epoch: int, step: int, hooks: 
         if comm_bytes is None:
             # the exchange volume of a full batch (an epoch's last batch may be smaller)
             comm_bytes = placement.counter.total()
-        if step % log_every == 0:
-            # one small all-reduce where the host reads anyway: the global batch's loss, and any replica's NaN
-            loss_sum, rows, bad = runtime.all_reduce_sum(
-                torch.stack([loss.detach().double() * n, sums.new_tensor(float(n)), t.diverged.double()])).tolist()
-            if bad:
-                raise TrainingDiverged(f"the training loss became NaN or infinite by step {step} (lr {lr:.3g})")
-            running = (sums[0] / sums[3]).item()
-            if on_log:
-                on_log(step, loss_sum / rows, lr)
-            if progress:
-                progress.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.3g}")
-        if progress:
-            progress.update(1)
+        if step % hooks.log_every == 0:
+            report_step(t, hooks, step, lr, loss, n, sums)
+        if hooks.progress:
+            hooks.progress.update(1)
         if vote is not None and vote():
             stopped = True
             break
-        vote = runtime.any_rank_async(should_stop())
+        vote = runtime.any_rank_async(hooks.should_stop())
     else:
         # the last vote is read too, so every rank takes part in the same collectives
         stopped = vote is not None and vote()
@@ -167,12 +157,25 @@ def train_one_epoch(t: Trainer, loader, schedule, epoch: int, step: int, hooks: 
     sums = runtime.all_reduce_sum(sums)
     if not torch.isfinite(sums).all():
         raise TrainingDiverged(f"the training loss became NaN or infinite in this epoch (by step {step})")
-    partial = {"sums": sums.tolist(), "seen": seen, "train_s": elapsed}
     return {"train_loss": (sums[0] / sums[3]).item(), "train_top1_err": 100.0 * (sums[1] / sums[3]).item(),
             "train_top5_err": 100.0 * (sums[2] / sums[3]).item(),
             "images_per_s": seen * runtime.num_replicas / elapsed, "train_s": elapsed, "step": step,
-            "comm_bytes_per_step": comm_bytes or 0,
-            "stopped": stopped, "partial": partial}
+            "comm_bytes_per_step": comm_bytes or 0, "stopped": stopped,
+            "partial": {"sums": sums.tolist(), "seen": seen, "train_s": elapsed}}
+
+
+def report_step(t: Trainer, hooks: EpochHooks, step: int, lr: float, loss: torch.Tensor, n: int,
+                sums: torch.Tensor) -> None:
+    """A log step: one small all-reduce where the host reads anyway (the global batch's loss and any
+    replica's NaN flag), then ``hooks.on_log`` and the progress bar's running loss."""
+    loss_sum, rows, bad = t.runtime.all_reduce_sum(
+        torch.stack([loss.detach().double() * n, sums.new_tensor(float(n)), t.diverged.double()])).tolist()
+    if bad:
+        raise TrainingDiverged(f"the training loss became NaN or infinite by step {step} (lr {lr:.3g})")
+    if hooks.on_log:
+        hooks.on_log(step, loss_sum / rows, lr)
+    if hooks.progress:
+        hooks.progress.set_postfix(loss=f"{(sums[0] / sums[3]).item():.4f}", lr=f"{lr:.3g}")
 
 
 def row_offset(loader, batch_index: int, runtime) -> int:

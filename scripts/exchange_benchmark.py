@@ -31,73 +31,68 @@ from benchlib import GEOMETRIES, spawn_and_read
 VARIANTS = ("all-gather", "shuffle", "hybrid")
 
 
+def _variant(name: str, world: int, rank: int, geometry: str, backend: str, x: torch.Tensor, y: torch.Tensor):
+    """(Trainer, this rank's images, its labels, the timed counter) for one variant, built by train.py's code."""
+    from alexnet.build import Where, placement_from_config
+    from alexnet.config import load
+    from alexnet.engine import Trainer
+    from alexnet.fit import build_run
+    from parallel import CommCounter
+    from parallel.hybrid import init_hybrid_from_env
+    from parallel.roles import split_over
+    counter = CommCounter(timed=True)
+    cfg = load(GEOMETRIES[geometry].format(G=world), [
+        "model.dropout=0.0", f"parallel.backend={backend}",
+        "parallel.placement=" + ("hybrid" if name == "hybrid" else "distributed")] +
+        (["model.exchange.conv3=shuffle"] if name == "shuffle" else []))
+    if name != "hybrid":  # train.py's distributed placement; every rank reads the whole batch
+        _, placement, runtime, model, optimizer = build_run(cfg, placement_from_config(cfg, counter=counter))
+        return Trainer(model, optimizer, placement, runtime), x, y, counter
+    # train.py's hybrid; its conv groups, which share this rank's device, count into a counter of their own:
+    # their exchange is no traffic between processes
+    conv, fc, rows, runtime = init_hybrid_from_env(world, backend, counter=counter, conv_counter=CommCounter())
+    _, placement, runtime, model, optimizer = build_run(cfg, Where(conv, runtime, fc, rows))
+    # the conv weights' gradient all-reduce, as a ring moves it: every rank receives 2 (K-1)/K of them
+    conv_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if split_over(p) is None)
+    counter.record("conv_grad_allreduce", 0, 2 * (world - 1) * conv_bytes)
+    mine = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
+    return Trainer(model, optimizer, placement, runtime), x[mine], y[mine], counter
+
+
 def _worker(rank: int, world: int, store: str, geometry: str, batch: int, steps: int, rounds: int, backend: str,
             out: str):
+    """One rank: every variant built, then timed in alternating rounds; rank 0 writes the medians to ``out``."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     import torch.distributed as dist
 
-    from alexnet.build import Where, placement_from_config, spec_from_config
+    from alexnet.build import spec_from_config
     from alexnet.config import load
-    from alexnet.engine import Trainer, train_step
-    from alexnet.fit import build_run
-    from parallel import CommCounter
+    from alexnet.engine import train_step
     from parallel.distributed import init_process_group_from_env, join_spawned_world
-    from parallel.hybrid import init_hybrid_from_env
-    from parallel.roles import split_over
     join_spawned_world(rank, world, store, backend)
     device, _, _, _ = init_process_group_from_env(backend)
-    base = load(GEOMETRIES[geometry].format(G=world), ["model.dropout=0.0"])
+    spec = spec_from_config(load(GEOMETRIES[geometry].format(G=world)))
     gen = torch.Generator().manual_seed(0)
-    spec = spec_from_config(base)
     x = torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, generator=gen).to(device)
     y = torch.randint(0, spec.num_classes, (batch,), generator=gen).to(device)
-    mine = torch.tensor_split(torch.arange(batch), world)[rank]
-    runs = {}
-    for name in VARIANTS:
-        counter = CommCounter(timed=True)
-        cfg = load(GEOMETRIES[geometry].format(G=world), [
-            "model.dropout=0.0", f"parallel.backend={backend}",
-            "parallel.placement=" + ("hybrid" if name == "hybrid" else "distributed")] +
-            (["model.exchange.conv3=shuffle"] if name == "shuffle" else []))
-        if name == "hybrid":
-            # train.py's hybrid; its conv groups, which share this rank's device, count into a counter of
-            # their own: their exchange is no traffic between processes
-            conv, fc, rows, runtime = init_hybrid_from_env(spec.slot_groups, backend, counter=counter,
-                                                           conv_counter=CommCounter())
-            where = Where(conv, runtime, fc, rows)
-            inputs, labels = x[mine], y[mine]
-        else:  # train.py's distributed placement, built by train.py's code
-            where = placement_from_config(cfg, counter=counter)
-            inputs, labels = x, y
-        _, placement, runtime, model, optimizer = build_run(cfg, where)
-        trainer = Trainer(model, optimizer, placement, runtime)
-        if name == "hybrid":
-            # the conv weights' gradient all-reduce, as a ring moves it: every rank receives 2 (K-1)/K of them
-            conv_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if split_over(p) is None)
-            counter.record("conv_grad_allreduce", 0, 2 * (world - 1) * conv_bytes)
-        runs[name] = (trainer, inputs, labels, counter)
-
-    def step(name: str) -> None:
-        trainer, inputs, labels, _ = runs[name]
-        train_step(trainer, inputs, labels)
+    runs = {name: _variant(name, world, rank, geometry, backend, x, y) for name in VARIANTS}
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dist.barrier()
 
-    for name in VARIANTS:  # warm-up
-        step(name)
+    for trainer, inputs, labels, _ in runs.values():  # warm-up
+        train_step(trainer, inputs, labels)
     times = {name: [] for name in VARIANTS}
     comm = {name: [] for name in VARIANTS}
     for _ in range(rounds):
-        for name in VARIANTS:
-            counter = runs[name][3]
+        for name, (trainer, inputs, labels, counter) in runs.items():
             counter.seconds = 0.0
             sync()
             start = time.perf_counter()
             for _ in range(steps):
-                step(name)
+                train_step(trainer, inputs, labels)
             sync()
             times[name].append((time.perf_counter() - start) / steps)
             comm[name].append(counter.seconds / steps)

@@ -12,14 +12,22 @@ if [ -z "$browser" ]; then
   echo "error: no Chromium found; install it (apt-get install chromium) or put it on PATH" >&2
   exit 2
 fi
-port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$python" -m tensorboard.main --logdir "$logdir" --host 127.0.0.1 --port "$port" --load_fast=false >/dev/null 2>&1 &
+# --port 0: the OS picks a free port and the server names it on stderr (no port to pick and lose to another)
+log=$(mktemp)
+"$python" -m tensorboard.main --logdir "$logdir" --host 127.0.0.1 --port 0 --load_fast=false >/dev/null 2>"$log" &
 server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
+trap 'kill $server 2>/dev/null || true; rm -f "$log"' EXIT
+port=
 for _ in $(seq 60); do
-  curl -fs "http://127.0.0.1:$port/data/runs" >/dev/null 2>&1 && break
+  port=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$log" | head -1 | sed 's/.*://' || true)
+  [ -n "$port" ] && curl -fs "http://127.0.0.1:$port/data/runs" >/dev/null 2>&1 && break
   sleep 1
 done
+if [ -z "$port" ]; then
+  echo "error: TensorBoard did not start within 60 s; its log:" >&2
+  cat "$log" >&2
+  exit 2
+fi
 sleep 5  # the event files load in the background
 mkdir -p "$outdir"
 for page in hparams custom_scalars; do

@@ -3,8 +3,9 @@
 conv2/conv4/conv5 (when not cross-group) are ``nn.Conv2d(groups=G)`` with each layer's own
 G; cross-group layers are dense; a shuffled layer is ``ChannelShuffle(G)`` then
 ``nn.Conv2d(groups=G)``; LRN is applied to each group's channels separately; an fc layer
-that is not cross-group is block-diagonal (``GroupedLinear``). The model-parallel network must compute exactly
-this, and its weights map onto this module's state_dict by slicing output rows.
+that is not cross-group is block-diagonal (``GroupedLinear``). The model-parallel network
+must compute exactly this, and its weights map onto this module's state_dict by slicing
+output rows (``parallel.full_state_dict`` of GroupAlexNet has this module's keys).
 """
 from __future__ import annotations
 

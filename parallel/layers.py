@@ -95,6 +95,8 @@ class _GroupSharded(ShardedModule):
         # the byte counter's key: the display name, made unique among the counter's live layers
         self.key = placement.counter.claim(name, self)
         self.exchange = exchange
+        # block-diagonal: each group reads only its own (or its shuffled) share of the input
+        self.grouped = exchange in ("own", "shuffle")
         self.groups = G
         self.dtype = dtype
         self.per_slot = G // placement.num_slots
@@ -162,8 +164,8 @@ class _GroupSharded(ShardedModule):
     def slices_of(self, full: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
         """Each local parameter's rows of the twin's ``{"weight", "bias"}``, on the parameter's device.
 
-        ``full["weight"]`` may have any shape with the twin's number of elements per row
-        (a grouped fc's twin is a grouped 1x1 convolution, for instance).
+        ``full["weight"]`` may have any shape with the twin's number of elements per row (a
+        block-diagonal fc's twin written as a grouped 1x1 ``nn.Conv1d`` stores (out, in/G, 1)).
         """
         rows = sum(self.group_out)
         expected = (rows, *self.weights[0].shape[1:])
@@ -230,14 +232,13 @@ class GroupConv2d(_GroupSharded):
                  groups: int | None = None, padding_mode: str = "zeros", dtype: torch.dtype | None = None):
         super().__init__(placement, in_channels, out_channels, exchange, name, "conv", uneven_ok=False,
                          groups=groups, dtype=dtype)
-        grouped = exchange in ("own", "shuffle")
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         self.padding_mode = padding_mode
         self.padding, self.explicit_pad = self._check_padding(padding, padding_mode)
-        self.in_per_filter = in_channels // self.groups if grouped else in_channels
+        self.in_per_filter = in_channels // self.groups if self.grouped else in_channels
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
             self._add_block((hi - lo, self.in_per_filter, *self.kernel_size), slot.device, bias)
-        self.slot_conv_groups = [self.per_slot if grouped else 1 for _ in placement.local_slots]
+        self.slot_conv_groups = [self.per_slot if self.grouped else 1 for _ in placement.local_slots]
         # How a slot holding k > 1 groups computes them; all give the same Y_g (see FORMULATIONS).
         self.formulation = "grouped"
         self._side_streams = SideStreams()
@@ -329,8 +330,7 @@ class GroupLinear(_GroupSharded):
                  dtype: torch.dtype | None = None):
         super().__init__(placement, in_features, out_features, exchange, name, "fc", uneven_ok=True, groups=groups,
                          dtype=dtype)
-        self.block_diagonal = exchange in ("own", "shuffle")
-        self.in_per_output = in_features // self.groups if self.block_diagonal else in_features
+        self.in_per_output = in_features // self.groups if self.grouped else in_features
         for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows):
             self._add_block((hi - lo, self.in_per_output), slot.device, bias)
         self.reset_parameters()
@@ -340,7 +340,7 @@ class GroupLinear(_GroupSharded):
         for i, (xi, w) in enumerate(zip(self._inputs(x), self.weights)):
             xi = xi.flatten(1)
             b = self._bias(i)
-            k = self.per_slot if self.block_diagonal else 1
+            k = self.per_slot if self.grouped else 1
             if k == 1:
                 out.append(F.linear(xi, w, b))
             else:  # k groups, block-diagonal: (k, N, in_g) @ (k, in_g, out_g)

@@ -60,4 +60,3 @@ def run_on_streams(work: Sequence[Callable[[], torch.Tensor]], streams: list | N
         # until main's pending reads are done
         out.record_stream(main)
     return outs
-

@@ -2,8 +2,8 @@
 
 A slot holding k > 1 groups can compute ``Y = conv(X, W, groups=k)`` as one grouped call,
 as k dense convolutions on the k channel blocks, concatenated, or as those k on k CUDA
-streams (``GroupConv2d.FORMULATIONS``); the math is the same. Which is faster depends on the device, dtype,
-memory format and shapes: fewer multiply-accumulates only buy time when the kernel that
+streams (``GroupConv2d.FORMULATIONS``); the math is the same. Which is faster depends on
+the device, dtype, memory format and shapes: fewer multiply-accumulates only buy time when the kernel that
 does them is fast. So, before training, one forward pass records each grouped layer's
 input, and every formulation of that layer is timed (forward + backward) on it; the
 fastest wins. Results are cached per (device, dtype, memory format, shapes) in the

@@ -40,16 +40,15 @@ import time
 import torch
 from torch import nn
 
-from alexnet.build import spec_from_config
+from alexnet import mfu
+from alexnet.build import placement_from_config, spec_from_config
 from alexnet.config import load
-from alexnet.build import placement_from_config
 from alexnet.engine import Trainer, train_step
 from alexnet.fit import build_run, prepare_trainer, sgd_from_config
 from alexnet.model import GroupAlexNet
 from alexnet.reference import ReferenceAlexNet
-from parallel import LocalPlacement, LocalRuntime
-from alexnet import mfu
 from benchlib import GEOMETRIES
+from parallel import LocalPlacement, LocalRuntime
 
 
 

@@ -54,6 +54,8 @@ DEFAULTS: dict = {
         "cudnn_benchmark": True,     # CUDA: let cuDNN time its algorithms per shape; ignored on CPU
         "conv_formulation": "auto",  # grouped | split | streams | auto (CUDA: time each per layer at start-up, streams
                                      # only without compile; CPU: grouped)
+        "memory_snapshot": False,    # CUDA: record the allocator's history over the first steps into
+                                     # <run.dir>/memory_snapshot.pickle (open it at https://pytorch.org/memory_viz)
     },
     "data": {
         "dataset": "fashion_mnist",  # fashion_mnist | imagefolder | fake

@@ -56,6 +56,7 @@ class Trainer:
     precision: str = "fp32"
     channels_last: bool = False
     seed: int = 0
+    memory: object = None  # alexnet.memwatch.MemoryWatch: wraps each step (CPU: the first one is tracked)
     diverged: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -125,7 +126,8 @@ def train_one_epoch(t: Trainer, loader, schedule, epoch: int, step: int, hooks: 
             group["lr"] = lr
         images = to_input(images, placement.input_device, t.channels_last)
         labels = labels.to(device, non_blocking=True)
-        loss, logits = train_step(t, images, labels)
+        with t.memory.step() if t.memory is not None else contextlib.nullcontext():
+            loss, logits = train_step(t, images, labels)
         with torch.no_grad():
             wrong1, wrong5 = topk_wrong(logits, labels)
             n = labels.shape[0]

@@ -9,12 +9,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from alexnet import accel, mfu
+from alexnet import accel, memwatch, mfu
 from alexnet import checkpoint as ckpt_io
 from alexnet.checkpoint import Position
 from alexnet import rundir
 from alexnet.build import data_from_config, placement_from_config, spec_from_config
-from alexnet.config import dump
+from alexnet.config import ConfigError, dump
 from alexnet.engine import EpochHooks, Trainer, TrainingDiverged, evaluate, train_one_epoch
 from alexnet.filters import within_between_correlation
 from alexnet.graphs import GraphRecordings, describe_recordings
@@ -22,7 +22,7 @@ from alexnet.init import init_reference_state
 from alexnet.logs import RunLog
 from alexnet.model import GroupAlexNet
 from alexnet.schedule import LRSchedule
-from parallel import load_full_state_dict
+from parallel import LocalRuntime, load_full_state_dict
 
 
 def build_run(cfg: dict, where=None):
@@ -51,8 +51,23 @@ def prepare_trainer(cfg: dict, model, optimizer, placement, runtime, batch_shape
     the step's inputs bundled: what train.py trains with, and what the benchmarks time."""
     t = cfg["train"]
     runner = accel.prepare(model, cfg, placement, batch_shape, say=say)
+    memory = memwatch.MemoryWatch(placement, runtime, model, optimizer, compiled=t["compile"],
+                                  distributed=not isinstance(runtime, LocalRuntime),
+                                  snapshot_path=snapshot_path(cfg, placement, runtime))
     return Trainer(runner, optimizer, placement, runtime, t["precision"],
-                   channels_last=accel.on_cuda(placement) and t["channels_last"], seed=cfg["run"]["seed"])
+                   channels_last=accel.on_cuda(placement) and t["channels_last"], seed=cfg["run"]["seed"],
+                   memory=memory)
+
+
+def snapshot_path(cfg: dict, placement, runtime) -> str | None:
+    """Where ``train.memory_snapshot`` writes this process's allocator history (CUDA only; refused on CPU)."""
+    if not cfg["train"]["memory_snapshot"]:
+        return None
+    if not accel.on_cuda(placement):
+        raise ConfigError("train.memory_snapshot records the CUDA allocator's history, and this run is on CPU; "
+                          "set train.memory_snapshot=false (memory per device is still reported: MemTracker, one step)")
+    name = "memory_snapshot.pickle" if runtime.is_main else f"memory_snapshot.rank{runtime.process_index}.pickle"
+    return os.path.join(cfg["run"]["dir"], name)
 
 
 def resolve_resume(resume: str | None, run_dir: str, say=print) -> str | None:
@@ -196,8 +211,13 @@ def train_epoch(cfg: dict, trainer: Trainer, train_loader, schedule, epoch: int,
     trainer.placement.counter.reset()
     hooks = EpochHooks(progress=bar, log_every=t["log_every"], should_stop=should_stop,
                        on_log=lambda s, loss, lr: (log.scalar("train/loss", loss, s), log.scalar("train/lr", lr, s)))
+    if trainer.memory is not None:
+        trainer.memory.start_epoch()
     try:
-        return train_one_epoch(trainer, train_loader, schedule, epoch, position.step, hooks, carry=carry)
+        result = train_one_epoch(trainer, train_loader, schedule, epoch, position.step, hooks, carry=carry)
+        if trainer.memory is not None:  # a collective under torchrun: every rank's peak
+            result["peak_mib"] = trainer.memory.peaks()
+        return result
     except TrainingDiverged as e:
         path = os.path.join(cfg["run"]["dir"], "checkpoints", "last.pt")
         kept = (f"the last checkpoint ({path}, epoch {epoch}) is kept" if os.path.isfile(path)
@@ -218,7 +238,17 @@ def epoch_record(spec, trainer: Trainer, schedule, epoch: int, result: dict, val
             "val_loss": val["val_loss"], "val_top1_err": val["val_top1_err"], "val_top5_err": val["val_top5_err"],
             "lr": lr_used, "images_per_s": result["images_per_s"], "tflops": speed["tflops"], "mfu": speed["mfu"],
             "cross_group_mb_per_step": result["comm_bytes_per_step"] / 1e6, "epoch_s": epoch_s,
-            "data_replicas": trainer.runtime.num_replicas, "groups": spec.groups}
+            "data_replicas": trainer.runtime.num_replicas, "groups": spec.groups, **memory_fields(trainer, result)}
+
+
+def memory_fields(trainer: Trainer, result: dict) -> dict:
+    """The epoch's peak memory per device (MiB; None where not measured), its largest, and how it was measured."""
+    peaks = result.get("peak_mib")
+    if peaks is None:
+        return {}
+    measured = [v for v in peaks.values() if v is not None]
+    return {"peak_mib": peaks, "peak_mib_max": max(measured) if measured else None,
+            "memory_measured": trainer.memory.how}
 
 
 def add_filter_correlation(record: dict, weights: dict | None, spec) -> None:
@@ -257,7 +287,7 @@ def report_epoch(cfg: dict, spec, trainer: Trainer, record: dict, recordings, st
     say(f"epoch {record['epoch']}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "
         f"{record['val_top1_err']:.2f}%  top-5 {record['val_top5_err']:.2f}%  lr {record['lr']:.3g}  "
         f"{record['images_per_s']:.0f} img/s  {mfu.describe(record['images_per_s'], spec.macs(), placement.input_device)}  "
-        f"{record['epoch_s']:.1f}s", flush=True)
+        f"{memwatch.describe(record.get('peak_mib', {}))}  {record['epoch_s']:.1f}s", flush=True)
     if recordings is not None:
         say(describe_recordings(recordings.take(), steps, accel.on_cuda(placement)))
 
@@ -332,5 +362,7 @@ def make_summary(cfg: dict, spec, where: str, runtime, history: list[dict], wall
             "best_val_top1_err": min((h["val_top1_err"] for h in history), default=math.nan),
             "best_val_top5_err": min((h["val_top5_err"] for h in history), default=math.nan),
             "images_per_s": sum(speeds) / len(speeds) if speeds else math.nan,
+            "peak_mib": final.get("peak_mib"), "peak_mib_max": final.get("peak_mib_max"),
+            "memory_measured": final.get("memory_measured"),
             "cross_group_mb_per_step": mb_per_step, "wall_s": wall_s,
             "placement": where}

@@ -23,9 +23,9 @@ import os
 
 #: what a group-count study varies, and what it costs: the five hyperparameters shown first
 STUDY_HPARAMS = ("groups", "exchanges", "seed", "params", "macs")
-#: the five metrics shown first: final errors, loss, speed, traffic
+#: the metrics listed first (the dashboard ticks five): final errors, loss, speed, peak memory, traffic
 METRICS = ("epoch/val_top1_err", "epoch/val_top5_err", "epoch/train_loss", "epoch/images_per_s",
-           "epoch/cross_group_mb_per_step")
+           "epoch/peak_mib_max", "epoch/cross_group_mb_per_step")
 
 
 def as_text(value) -> str:

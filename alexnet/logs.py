@@ -37,6 +37,8 @@ CUSTOM_SCALARS = {
                "conv1 |corr| between groups": ["Multiline", [r"epoch/conv1_corr_between"]],
                "cross-group MB per step": ["Multiline", [r"epoch/cross_group_mb_per_step"]]},
     "speed": {"images/s": ["Multiline", [r"epoch/images_per_s"]], "epoch seconds": ["Multiline", [r"epoch/epoch_s"]]},
+    "memory": {"peak MiB per device": ["Multiline", [r"memory/peak_mib/.*"]],
+               "peak MiB, largest device": ["Multiline", [r"epoch/peak_mib_max"]]},
 }
 
 
@@ -73,8 +75,11 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         epoch = record["epoch"]
         for key, value in record.items():
-            if key not in CONSTANT_KEYS and isinstance(value, (int, float)):
+            if key not in CONSTANT_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"epoch/{key}", value, epoch)
+        for device, mib in (record.get("peak_mib") or {}).items():  # one curve per device
+            if mib is not None:
+                self.writer.add_scalar(f"memory/peak_mib/{device}", mib, epoch)
         self.writer.flush()
 
     def filters(self, weights: dict, groups: int, epoch: int) -> None:

@@ -67,6 +67,7 @@ class Runtime(Protocol):
     any_rank(flag)            True everywhere if true anywhere (blocking)
     any_rank_async(flag)      the same vote started now, answered by calling the result (a step later)
     barrier()                 every process reaches this point
+    all_gather_object(obj)    every process's small picklable ``obj``, in process order (per-epoch reports)
     """
 
     is_main: bool
@@ -83,3 +84,5 @@ class Runtime(Protocol):
     def any_rank_async(self, flag: bool) -> Callable[[], bool]: ...
 
     def barrier(self) -> None: ...
+
+    def all_gather_object(self, obj) -> list: ...

@@ -37,6 +37,10 @@ class LocalRuntime:
     def barrier(self) -> None:
         pass
 
+    def all_gather_object(self, obj) -> list:
+        """Every process's ``obj``, in process order: here just this one."""
+        return [obj]
+
 
 class DistributedRuntime:
     """This process in a (data replicas x groups) world; process groups are passed in, never global.
@@ -118,3 +122,10 @@ class DistributedRuntime:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def all_gather_object(self, obj) -> list:
+        """Every process's ``obj`` (a small picklable value, e.g. a memory figure), in global rank order;
+        over the CPU control group under NCCL, so it never waits on a GPU stream."""
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj, group=self.control_pg)
+        return out

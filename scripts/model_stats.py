@@ -1,8 +1,17 @@
 """Per-layer table of an AlexNet config: output shape, parameters, multiply-accumulates and
-cross-group bytes per image, with totals.
+cross-group bytes per image, with totals; with --memory, the memory of a training step per device.
 
   python scripts/model_stats.py --config configs/imagenet/g2.yaml [--set model.groups=4]
   python scripts/model_stats.py --config configs/imagenet/g1.yaml configs/imagenet/g2.yaml configs/imagenet/g4.yaml
+  python scripts/model_stats.py --config configs/imagenet/g2.yaml --memory --batch 128 --set parallel.devices=[cuda:0,cuda:1]
+  python scripts/model_stats.py --config configs/imagenet/g2.yaml --memory --world 2 --fit 1.5GiB [--json]
+
+--memory predicts, from the spec's shapes alone (no model built, no data read), each
+device's parameters, gradients, SGD momentum, activations saved for backward, exchange
+buffers (the gathered inputs every device holds whole), input batch and the step's peak
+(``alexnet.memory``); slots are the config's ``parallel.devices`` (one process), or the
+ranks of a ``--world N`` torchrun launch. --fit SIZE prints the largest batch whose peak
+fits SIZE on every device.
 
 Multiply-accumulates count weights x output positions (no bias adds, no LRN/pool), the
 convention that gives 1,135,256,096 for the paper's AlexNet at G = 1 (Ioannou's table
@@ -11,11 +20,14 @@ shows 10,568 more: a different counting convention).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from alexnet import memory
 from alexnet.build import spec_from_config
 from alexnet.config import ConfigError, load
 from alexnet.spec import SpecError
+from parallel import PlacementError
 
 
 def table(spec) -> str:
@@ -34,16 +46,87 @@ def table(spec) -> str:
     return "\n".join(lines)
 
 
+def slots_of(cfg: dict, spec, world: int | None) -> dict:
+    """The predict() arguments for the config's placement: its devices in one process, or a torchrun world."""
+    if world:
+        from parallel.distributed import slots_for_world
+        k = slots_for_world(world, spec.slot_groups)
+        return {"slots": k, "replicas": world // k, "distributed": True, "labels": [f"rank{r}" for r in range(k)]}
+    devices = cfg["parallel"]["devices"]
+    devices = [devices] if isinstance(devices, str) else list(devices)
+    if devices == ["auto"]:
+        from parallel.placement import resolve_devices
+        devices = resolve_devices(devices, spec.slot_groups)
+    return {"slots": len(devices), "labels": [f"slot {k} ({d})" for k, d in enumerate(devices)],
+            "same_device": len(set(devices)) == 1 and len(devices) > 1}
+
+
+def memory_report(cfg: dict, spec, batch: int, precision: str, world: int | None, budget: int | None) -> dict:
+    """Per device: every category and the total (bytes); with a budget, the largest batch that fits."""
+    where = slots_of(cfg, spec, world)
+    momentum = cfg["optim"]["momentum"] > 0
+
+    def slots_at(b):
+        return memory.predict(spec, b, precision=precision, momentum=momentum, **where)
+    report = {"batch": batch, "precision": precision, "devices": {m.label: m.as_dict() for m in slots_at(batch)}}
+    if budget is not None:
+        report["fit_bytes"] = budget
+        report["largest_batch"] = memory.largest_batch(lambda b: max(m.peak for m in slots_at(b)), budget)
+        if world and where["replicas"] > 1:
+            report["largest_batch_note"] = f"the global batch, split over {where['replicas']} data replicas"
+    return report
+
+
+def memory_table(report: dict) -> str:
+    devices = report["devices"]
+    rows = [["MiB"] + list(devices)]
+    for cat in memory.CATEGORIES + ("peak",):
+        rows.append([cat] + [f"{d[cat] / 2 ** 20:,.1f}" for d in devices.values()])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    first = next(iter(devices.values()))
+    if first["exchange_by_layer"]:
+        lines.append("exchange buffers of the first device: " + ", ".join(
+            f"{k} {v / 2 ** 20:,.1f}" for k, v in first["exchange_by_layer"].items()) + " MiB")
+    if "largest_batch" in report:
+        lines.append(f"largest batch whose peak fits {report['fit_bytes'] / 2 ** 30:g} GiB on every device: "
+                     f"{report['largest_batch']}" + (f" ({report['largest_batch_note']})"
+                                                     if "largest_batch_note" in report else ""))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, nargs="+", help="one or more configs, a table each")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--memory", action="store_true", help="predict the memory of a training step per device")
+    p.add_argument("--batch", type=int, help="--memory: the global batch (default: the config's data.batch_size)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="--memory: default the config's train.precision")
+    p.add_argument("--world", type=int, help="--memory: the ranks of a torchrun launch (default: one process)")
+    p.add_argument("--fit", help="--memory: print the largest batch whose peak fits this per device, e.g. 1.5GiB")
+    p.add_argument("--json", action="store_true", help="--memory: one JSON object (bytes) instead of tables")
     args = p.parse_args(argv)
     try:
-        specs = [spec_from_config(load(path, args.overrides)) for path in args.config]
-    except (ConfigError, SpecError) as e:
+        cfgs = [load(path, args.overrides) for path in args.config]
+        specs = [spec_from_config(cfg) for cfg in cfgs]
+        if args.memory:
+            budget = memory.parse_bytes(args.fit) if args.fit else None
+            reports = {path: memory_report(cfg, spec, args.batch or cfg["data"]["batch_size"],
+                                           args.precision or cfg["train"]["precision"], args.world, budget)
+                       for path, cfg, spec in zip(args.config, cfgs, specs)}
+    except (ConfigError, SpecError, PlacementError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.memory:
+        if args.json:
+            print(json.dumps(reports if len(reports) > 1 else next(iter(reports.values())), indent=2))
+            return 0
+        for path, report in reports.items():
+            print(f"{path}: predicted memory of one SGD step, batch {report['batch']}, {report['precision']}")
+            print(memory_table(report))
+            print()
+        return 0
     for path, spec in zip(args.config, specs):
         print(f"{path}: AlexNet, G = {spec.label}, input {spec.in_channels}x{spec.input_size}x{spec.input_size}, "
               f"{spec.num_classes} classes, exchanges: {spec.exchanges}")

@@ -136,9 +136,10 @@ def test_smoke_run_events_hold_hparams_and_filter_images(tmp_path):
     assert {h.name for h in experiment.hparam_infos if h.differs} == {"groups", "exchanges", "seed", "params", "macs"}
     assert [m.name.tag for m in experiment.metric_infos] == ["epoch/val_top1_err", "epoch/val_top5_err",
                                                              "epoch/train_loss", "epoch/images_per_s",
-                                                             "epoch/cross_group_mb_per_step"]
+                                                             "epoch/peak_mib_max", "epoch/cross_group_mb_per_step"]
     scalars = set(events.Tags()["scalars"])
     assert "epoch/val_top1_err" in scalars and "train/loss" in scalars
+    assert {"memory/peak_mib/cpu", "epoch/peak_mib_max"} <= scalars  # memory per device, and the largest
     assert not {"epoch/groups", "epoch/data_replicas", "epoch/step"} & scalars  # constants stay out
     assert not any(tag.startswith("hparam/") for tag in scalars)
     assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")

@@ -117,10 +117,13 @@ def train_one_epoch(t: Trainer, loader, schedule, epoch: int, step: int, hooks: 
     vote = None
     comm_bytes = None
     drops = dropout_layers(model)
+    row_exchange = getattr(model, "rows", None)  # the hybrid's: told each step's row counts by the sampler
     first_batch = loader.sampler.skip if hasattr(loader, "sampler") else 0
     start = time.perf_counter()
     for batch_index, (images, labels) in enumerate(loader, start=first_batch):
         set_draws(drops, t.seed, step, row_offset(loader, batch_index, runtime))
+        if row_exchange is not None and hasattr(loader, "sampler"):
+            row_exchange.plan(loader.sampler.replica_rows(batch_index))
         lr = schedule.lr(step, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr

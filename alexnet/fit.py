@@ -232,7 +232,8 @@ def epoch_record(spec, trainer: Trainer, schedule, epoch: int, result: dict, val
     """What metrics.jsonl and TensorBoard get for a finished epoch (the schedule sees the validation error)."""
     lr_used = schedule.lr(result["step"] - 1, epoch)
     schedule.end_epoch(val["val_top1_err"])
-    speed = mfu.throughput(result["images_per_s"], spec.macs(), mfu.device_name(trainer.placement.input_device))
+    speed = mfu.throughput(result["images_per_s"], spec.macs(), mfu.device_name(trainer.placement.input_device),
+                           mfu.devices_in_run(trainer.placement))
     return {"epoch": epoch + 1, "step": result["step"], "train_loss": result["train_loss"],
             "train_top1_err": result["train_top1_err"], "train_top5_err": result["train_top5_err"],
             "val_loss": val["val_loss"], "val_top1_err": val["val_top1_err"], "val_top5_err": val["val_top5_err"],
@@ -286,7 +287,8 @@ def report_epoch(cfg: dict, spec, trainer: Trainer, record: dict, recordings, st
     t, placement = cfg["train"], trainer.placement
     say(f"epoch {record['epoch']}/{t['epochs']}  loss {record['train_loss']:.4f}  val top-1 "
         f"{record['val_top1_err']:.2f}%  top-5 {record['val_top5_err']:.2f}%  lr {record['lr']:.3g}  "
-        f"{record['images_per_s']:.0f} img/s  {mfu.describe(record['images_per_s'], spec.macs(), placement.input_device)}  "
+        f"{record['images_per_s']:.0f} img/s  "
+        f"{mfu.describe(record['images_per_s'], spec.macs(), placement.input_device, mfu.devices_in_run(placement))}  "
         f"{memwatch.describe(record.get('peak_mib', {}))}  {record['epoch_s']:.1f}s", flush=True)
     if recordings is not None:
         say(describe_recordings(recordings.take(), steps, accel.on_cuda(placement)))

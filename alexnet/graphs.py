@@ -33,6 +33,9 @@ def describe_recordings(recorded: int, steps: int, on_cuda: bool) -> str:
     """One log line about an epoch's recordings (``steps`` training steps)."""
     if not on_cuda:
         return "CUDA graphs: none (not on CUDA; inductor runs the compiled graph without them)"
+    if recorded == 0:
+        return (f"CUDA graphs: none recorded in {steps} steps: inductor records no graph whose tensors span "
+                "several devices (slots on two GPUs) or that it cannot capture; the compiled graph runs without them")
     if steps > 2 and recorded >= steps // 2:
         return (f"CUDA graphs: {recorded} recorded in {steps} steps: re-captured about every step (shapes or "
                 "addresses change), which is slower than none; use train.compile_mode=default")

@@ -74,6 +74,18 @@ def local_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float, k
     return _LRN.apply(xg, size, alpha, beta, k).flatten(1, 2).to(x.dtype)
 
 
+def compiled_lrn():
+    """``local_response_norm`` under torch.compile, with dynamic shapes.
+
+    Every compiled copy of one function shares one dynamo cache (it is keyed by the code
+    object), so a per-device dictionary of them would not separate anything: each entry is
+    guarded on (device, grad mode, dtype, shapes), and two GPUs x {training, evaluation} x
+    {full batch, last batch, tuning batch} pass dynamo's recompile limit (8), after which the
+    rest runs eagerly. Dynamic shapes leave (device, grad mode, dtype): 4 entries on two GPUs.
+    """
+    return torch.compile(local_response_norm, dynamic=True)
+
+
 class FastLRN(nn.Module):
     """``local_response_norm`` as a module; PerGroup passes a slot's group count (``groups_aware``).
 
@@ -88,16 +100,15 @@ class FastLRN(nn.Module):
         super().__init__()
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
         self.fused = fused
-        # one compiled function per device: slots on two GPUs never share (and recompile) one
-        self._compiled: dict[torch.device, object] = {}
+        self._compiled = None
 
     def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
         args = (self.size, self.alpha, self.beta, self.k, groups)
         if self.fused and x.is_cuda and not torch.compiler.is_compiling():
             try:
-                if x.device not in self._compiled:
-                    self._compiled[x.device] = torch.compile(local_response_norm)
-                return self._compiled[x.device](x, *args)
+                if self._compiled is None:
+                    self._compiled = compiled_lrn()
+                return self._compiled(x, *args)
             except Exception as e:  # noqa: BLE001  (any compiler failure: keep training, eagerly)
                 warnings.warn(f"LRN: torch.compile failed on {x.device} ({type(e).__name__}: {e}); "
                               "using the eager LRN", stacklevel=2)

@@ -18,7 +18,9 @@ with SGD, the bytes of
   input        the image batch (and its labels) on the slot that receives it
   peak         the step's largest live total: parameters + optimizer + the walk of the
                backward pass (saved tensors freed layer by layer as gradients appear),
-               plus the flat gradient copy of the data replicas' all-reduce
+               the flat gradient copy of the data replicas' all-reduce, and SGD's update:
+               with weight decay, torch's single-tensor SGD (CPU) copies one gradient at a
+               time (the largest, fc6's, is the peak), the fused SGD train.py uses on CUDA none
 
 ``D`` data replicas divide the batch: each slot holds ``batch / D`` rows. A layer's
 ``G_l`` groups are dealt to the ``K`` slots in contiguous blocks, as the placements do.
@@ -109,13 +111,14 @@ class _Walk:
 
 def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, precision: str = "fp32",
             momentum: bool = True, distributed: bool = False, labels: list[str] | None = None,
-            same_device: bool = False) -> list[SlotMemory]:
+            same_device: bool = False, weight_decay: bool = False, fused_sgd: bool = False) -> list[SlotMemory]:
     """Predicted memory of every slot for one training step of ``batch`` images (the global batch).
 
     ``slots``: K slots per replica (devices of one process, or ranks); ``replicas``: D data replicas
     (torchrun), each slot then holds batch / D rows. ``distributed``: one process per slot, so every
     slot gathers the logits and computes the loss (one process: slot 0 does). ``same_device``: the
-    slots share one device, so the image reaches them without a copy.
+    slots share one device, so the image reaches them without a copy. ``weight_decay`` and
+    ``fused_sgd``: the optimizer's update (see the module docstring).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
@@ -137,6 +140,7 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
             saved_image = {"image": image * 4} if not receives_image and not same_device else {}
         previous = "image"
         previous_out = image * act
+        largest = 0  # the slot's largest weight tensor (bytes)
         for info in infos:
             G = info.groups
             rows = _blocks(info.out_channels, G, slots)[k]
@@ -144,6 +148,7 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
             in_per_row = info.params // info.out_channels - 1  # weights per output row
             weights = rows * in_per_row * 4 + rows * 4
             mem.parameters += weights
+            largest = max(largest, rows * in_per_row * 4)
             saved = dict(saved_image) if info.name == "conv1" else {}
             if precision == "bf16":
                 saved[f"{info.name}.weight_bf16"] = rows * in_per_row * 2
@@ -185,7 +190,9 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
         mem.optimizer = mem.parameters if momentum else 0
         base = mem.parameters + mem.optimizer + mem.input
         flat = mem.gradients if replicas > 1 else 0  # DistributedRuntime's flat all-reduce buffer
-        mem.peak = max(walk.backward_peak(base), base + mem.gradients + flat, base + sum(walk.saved.values()))
+        update = largest if weight_decay and not fused_sgd else 0  # grad + wd * param, one tensor at a time
+        mem.peak = max(walk.backward_peak(base), base + mem.gradients + max(flat, update),
+                       base + sum(walk.saved.values()))
         out.append(mem)
     return out
 

@@ -3,9 +3,11 @@
 A training step costs about three passes of arithmetic per image: the forward pass, the
 backward pass to the activations and the backward pass to the weights, each 2 FLOPs per
 multiply-accumulate of the forward pass: FLOPs per image = 6 x MACs (the weights' MACs
-of the network at that G: ``NetworkSpec.macs``). MFU = achieved FLOP/s / the device's
-dense bf16 peak, a fixed yardstick whatever precision the run uses (an fp32 run is
-measured against the same peak, so its MFU is honestly low).
+of the network at that G: ``NetworkSpec.macs``). MFU = achieved FLOP/s / the summed dense
+bf16 peak of every device the run computes on (its slots' distinct devices in one process,
+times the processes of a torchrun world: the whole run's FLOP/s against the whole run's
+peak), a fixed yardstick whatever precision the run uses (an fp32 run is measured against
+the same peak, so its MFU is honestly low).
 """
 from __future__ import annotations
 
@@ -35,12 +37,22 @@ def peak_of(device_name: str) -> tuple[float, str] | None:
     return None
 
 
-def throughput(images_per_s: float, macs: int, device_name: str) -> dict:
-    """{"tflops": achieved, "mfu": share of the peak or None, "peak_tflops", "peak_source"}."""
+def throughput(images_per_s: float, macs: int, device_name: str, devices: int = 1) -> dict:
+    """{"tflops": achieved, "mfu": share of the peak of ``devices`` such devices or None, "peak_tflops" (theirs
+    summed), "peak_source", "devices"}."""
     tflops = training_flops_per_image(macs) * images_per_s / 1e12
     peak = peak_of(device_name)
-    return {"tflops": tflops, "mfu": tflops / peak[0] if peak else None,
-            "peak_tflops": peak[0] if peak else None, "peak_source": peak[1] if peak else None}
+    total = peak[0] * devices if peak else None
+    return {"tflops": tflops, "mfu": tflops / total if peak else None, "peak_tflops": total,
+            "peak_source": peak[1] if peak else None, "devices": devices}
+
+
+def devices_in_run(placement) -> int:
+    """The devices a run computes on: this process's slots' distinct devices, times the processes of
+    the world (every torchrun rank holds as many; a hybrid or D x G world counts every rank)."""
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return len({s.device for s in placement.local_slots}) * world
 
 
 def device_name(device) -> str:
@@ -50,10 +62,11 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def describe(images_per_s: float, macs: int, device) -> str:
-    """'12.3 TFLOP/s (1.2% of H200's 989.5 dense bf16)' or '0.05 TFLOP/s' where the peak is unknown."""
+def describe(images_per_s: float, macs: int, device, devices: int = 1) -> str:
+    """'12.3 TFLOP/s (1.2% of 2 x H200's 989.5 dense bf16)' or '0.05 TFLOP/s' where the peak is unknown."""
     name = device_name(device)
-    t = throughput(images_per_s, macs, name)
+    t = throughput(images_per_s, macs, name, devices)
     text = f"{t['tflops']:.3g} TFLOP/s"
-    return text + (f" ({100 * t['mfu']:.1f}% of {name}'s {t['peak_tflops']:g} dense bf16)" if t["mfu"] is not None
-                   else "")
+    if t["mfu"] is None:
+        return text
+    return text + f" ({100 * t['mfu']:.1f}% of {devices} x {name}'s {t['peak_tflops'] / devices:g} dense bf16)"

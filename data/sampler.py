@@ -67,6 +67,12 @@ class ReplicaBatchSampler:
         """The row of the global batch i where this replica's slice starts."""
         return self.batch_positions(i)[0] - self.global_positions(i)[0]
 
+    def replica_rows(self, i: int) -> list[int]:
+        """Every replica's number of rows of global batch i (torch.tensor_split's rule)."""
+        lo, hi = self.global_positions(i)
+        size, extra = divmod(hi - lo, self.num_replicas)
+        return [size + (1 if r < extra else 0) for r in range(self.num_replicas)]
+
     def batch_positions(self, i: int) -> tuple[int, int]:
         """[start, end) in ``epoch_order()`` of this replica's slice of global batch i."""
         lo, hi = self.global_positions(i)

@@ -140,10 +140,19 @@ class _GatherToDevices(torch.autograd.Function):
             for g in grads:
                 if g is None:
                     continue
-                piece = g.narrow(ctx.dim, start, size).to(dev, non_blocking=True)
+                piece = moved(g.narrow(ctx.dim, start, size), dev)
                 total = piece if total is None else total + piece
             out.append(total)
         return (None, None, *out)
+
+
+def moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: itself when it is there already, else a dense copy (in its memory format) sent
+    there. A strided slice copied straight to another GPU is staged through temporary buffers when
+    the two have no peer-to-peer access; one dense copy first is one transfer."""
+    if t.device == torch.device(device):
+        return t
+    return t.contiguous(memory_format=_format_of(t)).to(device, non_blocking=True)
 
 
 def gather_to_devices(shards: list[torch.Tensor], targets: list[torch.device], dim: int) -> list[torch.Tensor]:
@@ -195,8 +204,8 @@ class _AllGatherDistinctConsumers(torch.autograd.Function):
     """Forward: Y = cat_g(X_g) on every rank (all-gather over the group dimension).
 
     Backward: each rank computed different outputs from Y, so
-    dL/dX_g = sum over ranks r of (dL_r/dY)[slice g]: a reduce-scatter (on gloo, which
-    has none, an all-reduce followed by taking this rank's slice).
+    dL/dX_g = sum over ranks r of (dL_r/dY)[slice g]: one reduce-scatter (``_sum_own_slice``;
+    gloo has reduce_scatter_tensor too).
     """
 
     @staticmethod
@@ -293,15 +302,24 @@ def all_reduce_over_replicas(t: torch.Tensor, pg, rows: int) -> torch.Tensor:
 def shuffle_to_devices(parts: list[torch.Tensor], devices: list[torch.device], groups: int) -> list[torch.Tensor]:
     """The channel shuffle between local slots: each slot sends every other slot the pieces its
     groups need, one copy per pair of slots; plain differentiable ops (slices, copies, cat),
-    so autograd's backward is the inverse shuffle."""
+    so autograd's backward is the inverse shuffle. Channels_last maps stay channels_last: the
+    permutation runs on their NHWC view, whose channels are the last, dense dimension."""
+    if all(_format_of(p) is torch.channels_last for p in parts):
+        nhwc = _shuffle_along([p.permute(0, 2, 3, 1) for p in parts], devices, groups, dim=3)
+        return [y.permute(0, 3, 1, 2) for y in nhwc]
+    return _shuffle_along(parts, devices, groups, dim=1)
+
+
+def _shuffle_along(parts: list[torch.Tensor], devices: list[torch.device], groups: int, dim: int) -> list[torch.Tensor]:
+    """The shuffle of the channel dimension ``dim``: (.., h_s, g, c, ..) -> (.., g_t, h, c, ..) per target slot t."""
     K = len(parts)
     P = groups // K
-    pieces = [p.unflatten(1, (P, groups, -1)) for p in parts]  # (N, h_s, g, c, ...)
+    pieces = [p.unflatten(dim, (P, groups, -1)) for p in parts]  # (.., h_s, g, c, ..)
     out = []
     for t, device in enumerate(devices):
-        received = [v[:, :, t * P:(t + 1) * P].to(device, non_blocking=True) for v in pieces]
-        y = torch.cat(received, dim=1).transpose(1, 2)  # (N, g_t, h, c, ...)
-        out.append(y.flatten(1, 3))
+        received = [moved(v.narrow(dim + 1, t * P, P), device) for v in pieces]
+        y = torch.cat(received, dim=dim).transpose(dim, dim + 1)  # (.., g_t, h, c, ..)
+        out.append(y.flatten(dim, dim + 2))
     return out
 
 

@@ -145,6 +145,24 @@ class DistributedPlacement:
                 f"({dist.get_backend(self.group_pg)} on {self.device.type})")
 
 
+def gpu_of_local_rank(local_rank: int, local_world: int, visible: int) -> torch.device:
+    """The GPU of local rank ``local_rank`` of ``local_world`` on a node where it sees ``visible`` GPUs.
+
+    As many GPUs as local ranks (or more): cuda:local_rank. One visible GPU (one GPU per task:
+    CUDA_VISIBLE_DEVICES per rank, as SLURM often sets it): cuda:0. Anything between would put
+    two ranks on one GPU, which NCCL refuses ("Duplicate GPU detected"): refused here, in one line.
+    """
+    if visible == 0:
+        raise PlacementError("parallel.backend=nccl but this process sees no GPU; use parallel.backend=gloo")
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_world > visible:
+        raise PlacementError(f"{local_world} ranks on this node but {visible} GPUs visible to each: two ranks would "
+                             f"share a GPU, which NCCL refuses; launch torchrun --nproc-per-node {visible}, or give "
+                             "each rank one GPU (CUDA_VISIBLE_DEVICES per task)")
+    return torch.device("cuda", local_rank)
+
+
 def init_process_group_from_env(backend: str = "auto", timeout_s: float = 600):
     """Under torchrun: initialise the default process group; (device, world, rank, control group).
 
@@ -156,15 +174,8 @@ def init_process_group_from_env(backend: str = "auto", timeout_s: float = 600):
     backend = pick_backend(backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
-        visible = torch.cuda.device_count()
-        if visible == 0:
-            raise PlacementError("parallel.backend=nccl but this process sees no GPU; use parallel.backend=gloo")
-        # one GPU per task (CUDA_VISIBLE_DEVICES per rank, as SLURM often sets it) shows every rank its
-        # GPU as cuda:0: local_rank % visible picks it; a node's GPUs shared by its ranks, cuda:local_rank
-        device = torch.device("cuda", local_rank % visible)
-        if local_rank >= visible:
-            print(f"rank {os.environ.get('RANK', '?')}: LOCAL_RANK {local_rank} but {visible} GPU(s) visible; "
-                  f"using {device} (one GPU per task)", flush=True)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+        device = gpu_of_local_rank(local_rank, local_world, torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -48,9 +48,21 @@ class RowExchange:
                  control_pg=None):
         self.pg, self.index, self.num_ranks, self.control_pg = pg, index, num_ranks, control_pg
         self.device, self.counter = torch.device(device), counter
+        self._planned: list[int] | None = None
+
+    def plan(self, sizes: list[int]) -> None:
+        """Every rank's rows of the next forward, known to the training loop from its sampler: that forward
+        then learns them without a collective (and without a host read of its result)."""
+        if len(sizes) != self.num_ranks:
+            raise ValueError(f"plan: {len(sizes)} row counts for {self.num_ranks} ranks")
+        self._planned = list(sizes)
 
     def batch_sizes(self, rows: int) -> list[int]:
-        """Every rank's number of rows this step (an epoch's last batch may split unevenly)."""
+        """Every rank's number of rows this step (an epoch's last batch may split unevenly): the planned
+        ones (used once) when they hold this rank's ``rows``, else learnt by an all-gather of the counts."""
+        planned, self._planned = self._planned, None
+        if planned is not None and planned[self.index] == rows:
+            return planned
         mine = torch.tensor([rows], device="cpu" if self.control_pg is not None else self.device)
         everyone = [torch.zeros_like(mine) for _ in range(self.num_ranks)]
         dist.all_gather(everyone, mine, group=self.control_pg if self.control_pg is not None else self.pg)

@@ -61,13 +61,17 @@ def slots_of(cfg: dict, spec, world: int | None) -> dict:
             "same_device": len(set(devices)) == 1 and len(devices) > 1}
 
 
-def memory_report(cfg: dict, spec, batch: int, precision: str, world: int | None, budget: int | None) -> dict:
+def memory_report(cfg: dict, spec, batch: int, precision: str, world: int | None, budget: int | None,
+                  on: str | None = None) -> dict:
     """Per device: every category and the total (bytes); with a budget, the largest batch that fits."""
     where = slots_of(cfg, spec, world)
-    momentum = cfg["optim"]["momentum"] > 0
+    o = cfg["optim"]
+    # train.py's SGD is fused on CUDA (no copy per update); on CPU it copies one gradient at a time
+    fused = on == "cuda" if on else any(label.split("(")[-1].startswith("cuda") for label in where["labels"])
 
     def slots_at(b):
-        return memory.predict(spec, b, precision=precision, momentum=momentum, **where)
+        return memory.predict(spec, b, precision=precision, momentum=o["momentum"] > 0,
+                              weight_decay=o["weight_decay"] > 0, fused_sgd=fused, **where)
     report = {"batch": batch, "precision": precision, "devices": {m.label: m.as_dict() for m in slots_at(batch)}}
     if budget is not None:
         report["fit_bytes"] = budget
@@ -104,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, help="--memory: the global batch (default: the config's data.batch_size)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="--memory: default the config's train.precision")
     p.add_argument("--world", type=int, help="--memory: the ranks of a torchrun launch (default: one process)")
+    p.add_argument("--on", choices=("cuda", "cpu"), help="--memory: the device type (default: the config's devices; "
+                   "cpu for --world)")
     p.add_argument("--fit", help="--memory: print the largest batch whose peak fits this per device, e.g. 1.5GiB")
     p.add_argument("--json", action="store_true", help="--memory: one JSON object (bytes) instead of tables")
     args = p.parse_args(argv)
@@ -113,7 +119,7 @@ def main(argv=None) -> int:
         if args.memory:
             budget = memory.parse_bytes(args.fit) if args.fit else None
             reports = {path: memory_report(cfg, spec, args.batch or cfg["data"]["batch_size"],
-                                           args.precision or cfg["train"]["precision"], args.world, budget)
+                                           args.precision or cfg["train"]["precision"], args.world, budget, args.on)
                        for path, cfg, spec in zip(args.config, cfgs, specs)}
     except (ConfigError, SpecError, PlacementError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

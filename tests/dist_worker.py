@@ -148,7 +148,11 @@ def hybrid_equivalence(rank: int, world: int, store: str, groups: int, batch: in
     load_full_state_dict(model, init_reference_state(spec, 0))
     x, y = batch_of(batch)
     mine = torch.tensor_split(torch.arange(batch), world)[rank]
-    logits = model(x[mine])
+    # the row counts as train.py's loop plans them from its sampler: the forward gathers none
+    rows.plan([len(t) for t in torch.tensor_split(torch.arange(batch), world)])
+    from unittest import mock
+    with mock.patch.object(dist, "all_gather", wraps=dist.all_gather) as gathers:
+        logits = model(x[mine])
     F.cross_entropy(logits, y[mine]).backward()
     runtime.sync_gradients(model.parameters())
     grads = full_state_dict(model, lambda p: p.grad)
@@ -164,7 +168,7 @@ def hybrid_equivalence(rank: int, world: int, store: str, groups: int, batch: in
                   and voter.any_rank(rank == world - 1) and not voter.any_rank(False))
     if rank == 0:
         torch.save({"logits": torch.cat(all_logits), "grads": grads, "counted": conv.counter.snapshot(),
-                    "control_ok": control_ok}, out)
+                    "control_ok": control_ok, "row_count_gathers": gathers.call_count}, out)
     finish()
 
 

@@ -168,6 +168,7 @@ def test_hybrid_placement_matches_one_process(groups, world, batch, tmp_path):
         assert_close(got["grads"][key], p.grad, msg=lambda m: f"{key}: {m}")
     assert got["counted"]["fc6_rows/fwd"] > 0 and got["counted"]["logits/fwd"] > 0
     assert got["control_ok"]  # row counts and stop votes over a CPU control group agree with the default group
+    assert got["row_count_gathers"] == 0  # planned by the sampler: no collective, no host read per step
 
 
 def test_exchange_benchmark_reports_the_three_variants():

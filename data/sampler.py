@@ -8,6 +8,8 @@ replica would have seen.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -89,6 +91,26 @@ class ReplicaBatchSampler:
                        for p in range(start, end)]
             else:
                 yield order[start:end].tolist()
+
+
+class KeyedBatchSampler:
+    """Deprecated since 0.2 (goes in 0.3): ``ReplicaBatchSampler(..., keyed=True)`` yields the same
+    (sample index, draw seed) pairs itself. This wraps a sampler as 0.1's class did."""
+
+    def __init__(self, sampler: ReplicaBatchSampler):
+        warnings.warn("KeyedBatchSampler(sampler) is deprecated: build ReplicaBatchSampler(..., keyed=True); "
+                      "KeyedBatchSampler goes in 0.3", DeprecationWarning, stacklevel=2)
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        keyed, self.sampler.keyed = self.sampler.keyed, True
+        try:
+            yield from self.sampler
+        finally:
+            self.sampler.keyed = keyed
 
 
 class SamplerLoader:

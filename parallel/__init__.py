@@ -5,10 +5,12 @@ contracts: ``GroupPlacement`` (where groups live, how activations move; what the
 use) and ``Runtime`` (replicas and processes; what a training loop uses). Activations
 between layers are ``Sharded`` (per-slot parts plus every group's size).
 """
+__version__ = "0.2.0"  # CHANGELOG.md lists what changed for code written on 0.1
+
 from parallel.comm import CommCounter
 from parallel.contracts import GroupPlacement, Runtime
-from parallel.layers import (GroupConv2d, GroupLinear, PerGroup, ShardedModule, full_state_dict, full_state_slices,
-                             gather_output, load_full_state_dict)
+from parallel.layers import (GroupConv2d, GroupLinear, PerGroup, ShardedModule, StateDictError, full_state_dict,
+                             full_state_slices, gather_output, load_full_state_dict)
 from parallel.dropout import GroupDropout
 from parallel.norm import GroupBatchNorm2d
 from parallel.placement import LocalPlacement, PlacementError, split_sizes
@@ -17,6 +19,6 @@ from parallel.sharded import Sharded, add, cat, shard
 from parallel.shuffle import ChannelShuffle
 
 __all__ = ["CommCounter", "GroupConv2d", "GroupLinear", "GroupBatchNorm2d", "GroupDropout", "PerGroup",
-           "ShardedModule", "gather_output", "full_state_dict", "full_state_slices",
+           "ShardedModule", "StateDictError", "gather_output", "full_state_dict", "full_state_slices",
            "load_full_state_dict", "LocalPlacement", "LocalRuntime", "PlacementError", "split_sizes",
            "GroupPlacement", "Runtime", "Sharded", "shard", "add", "cat", "ChannelShuffle"]

@@ -20,6 +20,7 @@ class GroupPlacement(Protocol):
     """Where groups live; how activations move between them.
 
     groups        G, the number of filter groups
+    replica       the data replica whose rows this process computes (0 in one process)
     local_slots   this process's slots (``Slot(device, first, count)``), groups dealt in contiguous blocks
     counter       the CommCounter the exchanges record their bytes in
     input_device  where the image batch goes; output_device: where the logits (and loss) are

@@ -67,6 +67,8 @@ class DistributedPlacement:
             raise PlacementError(f"{groups} groups cannot be dealt evenly to {num_slots} ranks")
         self.groups, self._num_slots, self.group_pg, self.group_index = groups, num_slots, group_pg, group_index
         self.device, self.mesh = torch.device(device), mesh
+        # the data replica this rank's rows belong to (a layer that needs global rows, dropout, reads it)
+        self.replica = mesh.get_local_rank("data") if mesh is not None else 0
         per = groups // num_slots
         self.slots = [Slot(self.device, group_index, group_index * per, per)]
         self.counter = counter if counter is not None else CommCounter()
@@ -175,7 +177,11 @@ def init_process_group_from_env(backend: str = "auto", timeout_s: float = 600):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
-        device = gpu_of_local_rank(local_rank, local_world, torch.cuda.device_count())
+        visible = torch.cuda.device_count()
+        device = gpu_of_local_rank(local_rank, local_world, visible)
+        if local_rank >= visible:
+            print(f"rank {os.environ.get('RANK', '?')}: LOCAL_RANK {local_rank} but {visible} GPU(s) visible; "
+                  f"using {device} (one GPU per task)", flush=True)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

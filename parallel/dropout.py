@@ -14,8 +14,15 @@ and a run resumed in another placement. It is a few integer tensor ops on the sl
 device: no generator object, no host work per step beyond two ``fill_``, nothing a
 compiled graph breaks on (step and row offset are tensors, so they never recompile it).
 
-The training loop calls ``set_draws(layers, seed, step, row_offset)`` before each step:
-``row_offset`` is the global row of this replica's first row (0 in one process).
+Like ``nn.Dropout``, every training forward draws a new mask by itself: the layer keeps its
+position (seed, step) on every slot's device, uses it and advances the step (a tensor op,
+so a compiled graph neither breaks nor recompiles); ``state_dict()`` carries the position
+(extra state), so a loaded model continues the stream. The seed starts as
+``torch.initial_seed()`` at construction. A loop that wants to name its steps (train.py
+does, from its global step) calls ``set_draws(layers, seed, step, row_offset)`` before a
+step: ``row_offset`` is the global row of this replica's first row; left out, it comes from
+the placement (``placement.replica`` x this replica's rows, exact when the replicas' slices
+are equal; 0 in one process).
 """
 from __future__ import annotations
 
@@ -44,8 +51,8 @@ def _mix32(x):
     return x ^ (x >> 15)
 
 
-def step_key(seed: int, step: int) -> int:
-    """The 32-bit key of (seed, step), shared by every layer and every process."""
+def step_key(seed, step):
+    """The 32-bit key of (seed, step), shared by every layer and every process (ints, or int64 tensors)."""
     return _mix32(_mix32(seed & _MASK32) ^ _mix32(step & _MASK32) ^ (step >> 32))
 
 
@@ -63,59 +70,98 @@ class GroupDropout(nn.Module):
 
     ``global_rows``: the layer sees the whole global batch whatever the replica (the hybrid
     placement's fc part), so its rows start at 0 instead of the replica's row offset.
+    ``inplace`` is accepted for nn.Dropout's signature; the output is a new tensor either way
+    (a Sharded activation's parts are never overwritten), and it is the same output.
     """
 
-    def __init__(self, placement, p: float = 0.5, name: str | None = None, global_rows: bool = False):
+    def __init__(self, placement, p: float = 0.5, name: str | None = None, global_rows: bool = False,
+                 inplace: bool = False):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got {p}")
-        self.placement, self.p, self.global_rows = placement, p, global_rows
-        self.threshold, self.scale = round(p * 2 ** 32), 1.0 / (1.0 - p)  # kept: hash >= p 2^32
+        self.placement, self.p, self.global_rows, self.inplace = placement, p, global_rows, inplace
         self.name = name or "dropout"
         self.key = placement.counter.claim(self.name, self)
         # the layer's part of the hash: its key (the name, made unique among the counter's live layers, so
         # two unnamed dropouts never share a mask), the same under every placement
         self.layer_id = zlib.crc32(self.key.encode())
-        for i, slot in enumerate(placement.local_slots):  # (step key, row offset) on every slot's device
-            self.register_buffer(f"draw_{i}", torch.zeros(2, dtype=torch.int64, device=slot.device),
+        self._rows_named = False  # set_draws named this replica's row offset (else: from the placement)
+        seed = torch.initial_seed() & _MASK32
+        for i, slot in enumerate(placement.local_slots):  # (seed, step, row offset) on every slot's device
+            self.register_buffer(f"draw_{i}", torch.tensor([seed, 0, 0], dtype=torch.int64, device=slot.device),
                                  persistent=False)
 
-    def set_draws(self, key: int, row_offset: int) -> None:
-        for i in range(len(self.placement.local_slots)):
-            draw = getattr(self, f"draw_{i}")
-            draw[0].fill_(key)
-            draw[1].fill_(0 if self.global_rows else row_offset)
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:  # as on nn.Dropout, p may change after construction
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"dropout p must be in [0, 1), got {value}")
+        self._p = float(value)
+
+    def _draws(self):
+        return [getattr(self, f"draw_{i}") for i in range(len(self.placement.local_slots))]
+
+    def set_position(self, seed: int, step: int, row_offset: int | None = None) -> None:
+        """The next training forward draws step ``step`` of ``seed``'s stream (later ones step + 1, ...);
+        ``row_offset``: this replica's first global row (None: from the placement)."""
+        self._rows_named = row_offset is not None
+        for draw in self._draws():
+            draw[0].fill_(seed & _MASK32)
+            draw[1].fill_(step)
+            draw[2].fill_(0 if self.global_rows or row_offset is None else row_offset)
+
+    def position(self) -> tuple[int, int]:
+        """(seed, step) the next training forward draws (a host read)."""
+        seed, step, _ = self._draws()[0].tolist()
+        return seed, step
+
+    def get_extra_state(self) -> dict:
+        seed, step = self.position()
+        return {"seed": seed, "step": step}
+
+    def set_extra_state(self, state) -> None:
+        self.set_position(state["seed"], state["step"])
 
     def forward(self, x: Sharded) -> Sharded:
         if not self.training or self.p == 0.0:
             return x
+        threshold, scale = round(self.p * 2 ** 32), 1.0 / (1.0 - self.p)  # kept: hash >= p 2^32
         per = x.groups // self.placement.num_slots
         out = []
         for i, (slot, part) in enumerate(zip(self.placement.local_slots, x.parts)):
+            draw = getattr(self, f"draw_{i}")
             first_channel = sum(x.group_sizes[:slot.index * per])
-            keep = self._keep(part, getattr(self, f"draw_{i}"), first_channel, sum(x.group_sizes))
-            out.append(torch.where(keep, part * self.scale, 0.0))
+            keep = self._keep(part, draw, self._row_offset(draw, part.shape[0]), first_channel) >= threshold
+            out.append(torch.where(keep, part * scale, 0.0))
+            with torch.no_grad():
+                draw[1] += 1  # the next forward draws the next step, as nn.Dropout draws anew
         return Sharded(tuple(out), x.group_sizes)
 
-    def _keep(self, part: torch.Tensor, draw: torch.Tensor, first_channel: int, channels: int) -> torch.Tensor:
-        """Whether each element of ``part`` is kept, from its global (row, channel, position)."""
+    def _row_offset(self, draw: torch.Tensor, rows: int):
+        if self._rows_named or self.global_rows:
+            return draw[2]
+        return getattr(self.placement, "replica", 0) * rows  # equal slices: replica r starts at r x rows
+
+    def _keep(self, part: torch.Tensor, draw: torch.Tensor, row_offset, first_channel: int) -> torch.Tensor:
+        """The 32-bit hash of each element of ``part`` from its global (row, channel, position)."""
         n, c = part.shape[:2]
         positions = math.prod(part.shape[2:])
-        rows = (torch.arange(n, device=part.device) + draw[1]).view((n,) + (1,) * (part.dim() - 1))
+        rows = (torch.arange(n, device=part.device) + row_offset).view((n,) + (1,) * (part.dim() - 1))
         cols = (torch.arange(c, device=part.device) + first_channel).view((1, c) + (1,) * (part.dim() - 2))
         if positions > 1:  # a map's elements: channel-major, as the reference's flatten
             cols = cols * positions + torch.arange(positions, device=part.device).view((1, 1) + tuple(part.shape[2:]))
-        return hash_of(rows, cols, draw[0], self.layer_id) >= self.threshold
+        return hash_of(rows, cols, step_key(draw[0], draw[1]), self.layer_id)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, name={self.name!r}"
 
 
-def set_draws(layers, seed: int, step: int, row_offset: int = 0) -> None:
-    """Point every GroupDropout in ``layers`` at (seed, step); this replica's rows start at ``row_offset``."""
-    key = step_key(seed, step)
+def set_draws(layers, seed: int, step: int, row_offset: int | None = None) -> None:
+    """Point every GroupDropout in ``layers`` at (seed, step) for the next forward; this replica's rows start
+    at ``row_offset`` (None: from the placement)."""
     for layer in layers:
-        layer.set_draws(key, row_offset)
+        layer.set_position(seed, step, row_offset)
 
 
 def dropout_layers(model: nn.Module) -> list[GroupDropout]:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 from torch.nn.modules.utils import _pair
 
 from parallel.placement import PlacementError, check_dealable, split_sizes
@@ -33,6 +35,22 @@ from parallel.streams import SideStreams, run_on_streams
 #: where a group's input comes from: its own group's maps, every group's (all-gather), the
 #: g-th 1/G slice of every group's (channel shuffle), or one input every group reads whole
 EXCHANGES = ("own", "all", "shuffle", "replicated")
+
+
+def refuse_device(name: str, device) -> None:
+    """nn's ``device=`` argument, which a sharded layer cannot take: each slot's tensors live on its slot's device."""
+    if device is not None:
+        raise ValueError(f"{name}: device={device!r} is not accepted: each slot's part of the layer lives on that "
+                         "slot's device, set by the placement (LocalPlacement(G, devices=[...]) or the rank's GPU)")
+
+
+def renamed_exchange(exchange: str, input_mode: str | None, name: str) -> str:
+    """``input_mode=`` (0.1) is ``exchange=`` since 0.2: accepted with a DeprecationWarning until 0.3."""
+    if input_mode is None:
+        return exchange
+    warnings.warn(f"{name}: input_mode= is renamed exchange= (same values); input_mode= goes in 0.3",
+                  DeprecationWarning, stacklevel=3)
+    return input_mode
 
 
 def slot_row_ranges(placement, group_out: list[int]) -> list[tuple[int, int]]:
@@ -56,6 +74,11 @@ class ShardedModule(nn.Module):
     """
 
     full_keys: tuple[str, ...] = ("weight", "bias")
+
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The twin's shape of each key, so loading refuses a misshaped tensor by its key; a subclass
+        that leaves this empty checks shapes in its own ``slices_of``."""
+        return {}
 
     def _layout(self) -> dict:
         return {"class": type(self).__name__, "groups": self.groups, "num_slots": self.placement.num_slots,
@@ -161,25 +184,36 @@ class _GroupSharded(ShardedModule):
             out["bias"] = self.placement.assemble_rows([value_of(b) for b in self.biases], everywhere)
         return out
 
+    @property
+    def full_keys(self) -> tuple[str, ...]:
+        return ("weight", "bias") if len(self.biases) else ("weight",)
+
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The twin's shape of each of its keys."""
+        shape = self.full_weight_shape
+        return {"weight": shape, "bias": (shape[0],)} if len(self.biases) else {"weight": shape}
+
     def slices_of(self, full: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
         """Each local parameter's rows of the twin's ``{"weight", "bias"}``, on the parameter's device.
 
-        ``full["weight"]`` may have any shape with the twin's number of elements per row (a
-        block-diagonal fc's twin written as a grouped 1x1 ``nn.Conv1d`` stores (out, in/G, 1)).
+        Shapes must be the twin's exactly (nothing is reshaped: a weight of the right size in another
+        layout, (out, kw, kh, in) for (out, in, kh, kw), would load scrambled).
         """
-        rows = sum(self.group_out)
-        expected = (rows, *self.weights[0].shape[1:])
+        expected = self.full_weight_shape
         weight = full["weight"]
-        if weight.shape[0] != rows or weight[0].numel() != self.weights[0][0].numel():
+        if tuple(weight.shape) != expected:
             raise ValueError(f"{self.name}.weight: shape {tuple(weight.shape)} does not fit this layer's {expected} "
                              "(a state of another group count or geometry?)")
+        if "bias" in full and tuple(full["bias"].shape) != (expected[0],):
+            raise ValueError(f"{self.name}.bias: shape {tuple(full['bias'].shape)} does not fit this layer's "
+                             f"{(expected[0],)}")
         if ("bias" in full) != bool(len(self.biases)):
             raise ValueError(f"{self.name}: the layer {'has' if len(self.biases) else 'has no'} bias, the state "
                              f"{'has' if 'bias' in full else 'has no'} bias")
         out = {}
         for i, (lo, hi) in enumerate(self.slot_rows):
             w = self.weights[i]
-            out[w] = weight[lo:hi].reshape(w.shape).to(w.device)
+            out[w] = weight[lo:hi].to(w.device)
             if len(self.biases):
                 out[self.biases[i]] = full["bias"][lo:hi].to(self.biases[i].device)
         return out
@@ -190,9 +224,21 @@ class _GroupSharded(ShardedModule):
             for p, value in self.slices_of(full).items():
                 p.copy_(value)
 
+    def _check_devices(self) -> None:
+        """Each slot's weights on its slot's device: a model moved by ``.to(device)`` or ``.cuda()`` is
+        named here, in one line, instead of failing inside a convolution."""
+        for slot, w in zip(self.placement.local_slots, self.weights):
+            want = slot.device
+            if w.device.type != want.type or (want.index is not None and w.device.index != want.index):
+                raise PlacementError(
+                    f"{self.name}: slot {slot.index}'s weights are on {w.device} but the placement puts that slot on "
+                    f"{want}; a sharded model is placed by its placement: do not move it with .to()/.cuda() "
+                    "(build it on a placement with the devices you want)")
+
     def _inputs(self, x, dim: int = 1) -> list[torch.Tensor]:
         """The tensor each slot computes from: its own maps, all groups' maps, its shuffled slices,
         or the replicated input."""
+        self._check_devices()
         slots = self.placement.local_slots
         if self.exchange == "replicated":
             return [x.to(s.device, non_blocking=True) for s in slots]
@@ -229,7 +275,10 @@ class GroupConv2d(_GroupSharded):
     def __init__(self, placement, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0, exchange: str = "own",
                  name: str | None = None, dilation: int | tuple[int, int] = 1, bias: bool = True,
-                 groups: int | None = None, padding_mode: str = "zeros", dtype: torch.dtype | None = None):
+                 groups: int | None = None, padding_mode: str = "zeros", dtype: torch.dtype | None = None,
+                 device=None, input_mode: str | None = None):
+        refuse_device(name or "conv", device)
+        exchange = renamed_exchange(exchange, input_mode, name or "conv")
         super().__init__(placement, in_channels, out_channels, exchange, name, "conv", uneven_ok=False,
                          groups=groups, dtype=dtype)
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
@@ -327,7 +376,9 @@ class GroupLinear(_GroupSharded):
 
     def __init__(self, placement, in_features: int, out_features: int, exchange: str = "all",
                  name: str | None = None, bias: bool = True, groups: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, device=None, input_mode: str | None = None):
+        refuse_device(name or "fc", device)
+        exchange = renamed_exchange(exchange, input_mode, name or "fc")
         super().__init__(placement, in_features, out_features, exchange, name, "fc", uneven_ok=True, groups=groups,
                          dtype=dtype)
         self.in_per_output = in_features // self.groups if self.grouped else in_features
@@ -439,30 +490,69 @@ def full_state_dict(model: nn.Module, value_of=None, everywhere: bool = True) ->
     return out if received else None
 
 
+def _matched(model: nn.Module, state: dict[str, torch.Tensor]):
+    """(each local tensor -> its value, missing keys, unexpected keys, shape problems) of a full state dict."""
+    pairs, missing, problems, expected = {}, [], [], set()
+    for name, layer in sharded_layers(model).items():
+        keys = {key: f"{name}.{key}" for key in layer.full_keys}
+        expected.update(keys.values())
+        absent = [k for k in keys.values() if k not in state]
+        missing += absent
+        wrong = [f"{k}: shape {tuple(state[k].shape)} does not fit {shape}" for key, shape in layer.full_shapes().items()
+                 if (k := keys[key]) in state and tuple(state[k].shape) != tuple(shape)]
+        problems += wrong
+        if not absent and not wrong:
+            try:
+                pairs.update(layer.slices_of({key: state[k] for key, k in keys.items()}))
+            except ValueError as e:
+                problems.append(str(e))
+    for k, v in _plain_tensors(model).items():
+        expected.add(k)
+        if k not in state:
+            missing.append(k)
+        elif tuple(state[k].shape) != tuple(v.shape):
+            problems.append(f"{k}: shape {tuple(state[k].shape)} does not fit {tuple(v.shape)}")
+        else:
+            pairs[v] = state[k].to(v.device)
+    return pairs, missing, [k for k in state if k not in expected], problems
+
+
+class StateDictError(ValueError, RuntimeError):
+    """A full state dict that does not fit a model (RuntimeError, as ``nn.Module.load_state_dict``
+    raises; ValueError, as this package raised before 0.2)."""
+
+
+def _refusal(missing: list[str], unexpected: list[str], problems: list[str]) -> str:
+    said = ([f"missing keys: {', '.join(missing)}"] if missing else []) + \
+        ([f"unexpected keys: {', '.join(unexpected)}"] if unexpected else []) + problems
+    return "the full state dict does not fit this model: " + "; ".join(said)
+
+
 def full_state_slices(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
     """What each of this process's parameters and buffers holds of a full state dict: its rows of
     the twin's tensors (sharded modules) or the whole tensor (the rest), on its own device.
-    ``load_full_state_dict`` copies them; an optimizer's state maps the same way (momentum)."""
-    out = {}
-    for name, layer in sharded_layers(model).items():
-        part = {key: state[f"{name}.{key}"] for key in layer.full_keys if f"{name}.{key}" in state}
-        if layer.full_keys[0] not in part:
-            raise KeyError(f"the state has no {name}.{layer.full_keys[0]}")
-        out.update(layer.slices_of(part))
-    plain = _plain_tensors(model)
-    missing = [k for k in plain if k not in state]
-    if missing:
-        raise KeyError(f"the state has no {', '.join(missing[:5])}")
-    for k, v in plain.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{k}: shape {tuple(state[k].shape)} does not fit {tuple(v.shape)}")
-        out[v] = state[k].to(v.device)
-    return out
+    ``load_full_state_dict`` copies them; an optimizer's state maps the same way (momentum).
+    Every tensor the model needs must be there, in the twin's exact shape (keys it does not
+    need are left alone here)."""
+    pairs, missing, _, problems = _matched(model, state)
+    if missing or problems:
+        raise StateDictError(_refusal(missing, [], problems))
+    return pairs
 
 
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True):
     """Shard a full (single-device) state dict into every sharded module, for whatever placement
-    it has; other parameters and buffers are copied as they are."""
+    it has; other parameters and buffers are copied as they are.
+
+    As ``nn.Module.load_state_dict``: ``strict`` (the default) refuses, in one error, every
+    missing and every unexpected key; ``strict=False`` loads what is there and returns the
+    missing and unexpected keys (``.missing_keys``, ``.unexpected_keys``). A shape that differs
+    from the twin's is refused either way (nothing is reshaped).
+    """
+    pairs, missing, unexpected, problems = _matched(model, state)
+    if problems or (strict and (missing or unexpected)):
+        raise StateDictError(_refusal(missing if strict else [], unexpected if strict else [], problems))
     with torch.no_grad():
-        for target, value in full_state_slices(model, state).items():
+        for target, value in pairs.items():
             target.copy_(value)
+    return _IncompatibleKeys(missing, unexpected)

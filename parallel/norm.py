@@ -17,11 +17,13 @@ from it (no E[x^2] - mu^2 cancellation).
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from parallel.comm import all_reduce_over_replicas
-from parallel.layers import ShardedModule, slot_row_ranges
+from parallel.layers import ShardedModule, refuse_device, slot_row_ranges
 from parallel.placement import check_dealable, split_sizes
 from parallel.roles import tag
 from parallel.sharded import Sharded
@@ -32,15 +34,22 @@ class GroupBatchNorm2d(ShardedModule):
 
     ``replica_group``: the process group of the data replicas that hold the same groups, for
     ``sync=True`` (default: the "data" dimension of a distributed placement's mesh; in one
-    process, or with one replica, there is nothing to sync).
+    process, or with one replica, there is nothing to sync). ``bias=False`` (affine weight
+    only) as on ``nn.BatchNorm2d`` of torch >= 2.12. ``device`` is refused: each slot's channels
+    live on its slot's device.
     """
 
     def __init__(self, placement, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, sync: bool = False,
                  groups: int | None = None, name: str | None = None, replica_group=None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, device=None, *, bias: bool = True):
         super().__init__()
         self.name = name or "bn"
+        refuse_device(self.name, device)
+        no_bias = {} if bias else {"bias": False}
+        if no_bias and "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters:
+            raise ValueError(f"{self.name}: bias=False needs nn.BatchNorm2d(bias=...), which this torch "
+                             f"({torch.__version__}) does not have; use torch >= 2.12 or affine=False")
         G = groups or placement.groups
         check_dealable(G, placement.num_slots, self.name)
         if num_features % G:
@@ -54,11 +63,12 @@ class GroupBatchNorm2d(ShardedModule):
         self.replica_group = replica_group if replica_group is not None or mesh is None else mesh.get_group("data")
         self.slot_rows = slot_row_ranges(placement, split_sizes(num_features, G))
         self.norms = nn.ModuleList(
-            nn.BatchNorm2d(hi - lo, eps, momentum, affine, track_running_stats, device=slot.device, dtype=dtype)
+            nn.BatchNorm2d(hi - lo, eps, momentum, affine, track_running_stats, device=slot.device, dtype=dtype,
+                           **no_bias)
             for slot, (lo, hi) in zip(placement.local_slots, self.slot_rows))
         for p in self.norms.parameters():
             tag(p, placement)
-        self.full_keys = (("weight", "bias") if affine else ()) + \
+        self.full_keys = ((("weight", "bias") if bias else ("weight",)) if affine else ()) + \
             (("running_mean", "running_var", "num_batches_tracked") if track_running_stats else ())
 
     def forward(self, x: Sharded) -> Sharded:
@@ -89,7 +99,9 @@ class GroupBatchNorm2d(ShardedModule):
         var = all_reduce_over_replicas(centred.square().sum((0, 2, 3)), pg, rows) / count
         y = centred * (var + self.eps).rsqrt()[None, :, None, None]
         if self.affine:
-            y = y * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+            y = y * norm.weight[None, :, None, None]
+            if norm.bias is not None:
+                y = y + norm.bias[None, :, None, None]
         if self.track_running_stats:
             with torch.no_grad():
                 norm.num_batches_tracked += 1
@@ -119,6 +131,10 @@ class GroupBatchNorm2d(ShardedModule):
                 tensors = [value_of(t) for t in tensors]
             out[key] = self.placement.assemble_rows([t.detach() for t in tensors], everywhere)
         return out
+
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The twin's shape of each of its keys."""
+        return {key: () if key == "num_batches_tracked" else (self.num_features,) for key in self.full_keys}
 
     def slices_of(self, full: dict[str, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Each local tensor's rows of the twin's state, on its device."""

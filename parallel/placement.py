@@ -122,6 +122,7 @@ class LocalPlacement:
             self.slots.append(Slot(torch.device(dev), index, first, count))
             first += count
         self.counter = counter if counter is not None else CommCounter()
+        self.replica = 0  # one process is one data replica
 
     # The model iterates over local slots; here every slot is local.
     @property

@@ -255,5 +255,5 @@ def test_conv_arguments_it_cannot_honour_are_refused_at_construction():
         GroupConv2d(pl, 4, 4, 3, padding_mode="mirror")
     with pytest.raises(ValueError, match="'same' or 'valid'"):
         GroupConv2d(pl, 4, 4, 3, padding="full")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="device='cpu' is not accepted"):
         GroupConv2d(pl, 4, 4, 3, device="cpu")  # the placement says where the weights live

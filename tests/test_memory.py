@@ -144,3 +144,20 @@ def test_model_stats_memory_json_and_fit(capsys):
     for dev in report["devices"].values():
         assert set(memory.CATEGORIES) | {"peak", "total"} <= set(dev) and dev["total"] == dev["peak"]
     assert report["largest_batch"] > 128
+
+
+def test_readme_memory_table_is_the_committed_measurement(root):
+    """The README's table is memory_check.py's, from docs/memory/paper_b128_fp32.json, not retyped."""
+    import re
+
+    from memory_check import markdown
+    with open(os.path.join(root, "docs/memory/paper_b128_fp32.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(root, "README.md")) as f:
+        table = re.search(r"<!-- memory-table -->\n(.*?)\n\n", f.read(), re.S).group(1)
+    assert table == markdown(saved["rows"], saved["batch"], saved["precision"], saved["fit_bytes"])
+    row = {r["placement"]: r for r in saved["rows"]}
+    two, one = row["G = 2, two devices"], row["G = 2, one device"]
+    assert two["measured_peak"] <= 0.55 * one["measured_peak"]  # the issue's target, measured
+    for r in saved["rows"]:  # the prediction held to the measurement at the paper's geometry
+        assert abs(r["predicted_peak_without_input"] - r["measured_peak"]) <= 0.05 * r["measured_peak"]

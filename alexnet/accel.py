@@ -35,10 +35,12 @@ def set_determinism(deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic)
 
 
-def prepare(model: torch.nn.Module, cfg: dict, placement, batch_shape: tuple[int, ...], say=print):
+def prepare(model: torch.nn.Module, cfg: dict, placement, batch_shape: tuple[int, ...], say=print, wrap=None):
     """Apply the speed settings to ``model`` (in place); returns the callable to train with.
 
     ``batch_shape`` is the training batch's (N, C, H, W), used to time conv formulations.
+    ``wrap(model)``: what to train instead (DDP for data replicas), wrapped after the formulations
+    are timed on the bare model and before it is compiled.
     """
     t = cfg["train"]
     cuda = on_cuda(placement)
@@ -67,6 +69,7 @@ def prepare(model: torch.nn.Module, cfg: dict, placement, batch_shape: tuple[int
         for m in model.modules():
             if hasattr(m, "formulation"):
                 m.formulation = choice
+    runner = wrap(model) if wrap is not None else model
     if t["compile"]:
-        return torch.compile(model, mode=t["compile_mode"])
-    return model
+        return torch.compile(runner, mode=t["compile_mode"])
+    return runner

@@ -79,6 +79,8 @@ DEFAULTS: dict = {
                                      # hybrid: convs data-parallel, fc layers split over ranks (torchrun)
         "devices": ["auto"],         # local: one slot per entry (cpu, cuda:0, ...); [auto]: one per GPU, at most G
         "backend": "auto",           # distributed: nccl with CUDA, else gloo
+        "grad_sync": "overlap",      # data replicas: overlap (DDP's bucketed all-reduce during backward) | flat
+                                     # (one all-reduce of every gradient after backward; kept to compare, for 0.2)
         "timeout_s": 600,            # distributed: how long a collective (or start-up) may wait for a peer
     },
     "run": {
@@ -100,7 +102,8 @@ CHOICES = {"model.init": ("paper", "caffe", "kaiming"), "optim.schedule": ("pape
            "data.dataset": ("fashion_mnist", "imagefolder", "fake"), "train.precision": ("fp32", "bf16"),
            "train.conv_formulation": ("auto", "grouped", "split", "streams"),
            "train.compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"), "data.decode": ("auto", "cpu", "gpu"),
-           "parallel.placement": ("local", "distributed", "hybrid", "auto"), "parallel.backend": ("auto", "nccl", "gloo")}
+           "parallel.placement": ("local", "distributed", "hybrid", "auto"), "parallel.backend": ("auto", "nccl", "gloo"),
+           "parallel.grad_sync": ("overlap", "flat")}
 
 
 # Allowed ranges: (low, low inclusive, high, high inclusive); None = unbounded.

@@ -122,8 +122,11 @@ def train_one_epoch(t: Trainer, loader, schedule, epoch: int, step: int, hooks: 
     start = time.perf_counter()
     for batch_index, (images, labels) in enumerate(loader, start=first_batch):
         set_draws(drops, t.seed, step, row_offset(loader, batch_index, runtime))
-        if row_exchange is not None and hasattr(loader, "sampler"):
-            row_exchange.plan(loader.sampler.replica_rows(batch_index))
+        if hasattr(loader, "sampler") and runtime.num_replicas > 1:  # the step's rows, known from the sampler
+            rows = loader.sampler.replica_rows(batch_index)
+            runtime.plan_rows(rows)
+            if row_exchange is not None:
+                row_exchange.plan(rows)
         lr = schedule.lr(step, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -50,13 +50,22 @@ def prepare_trainer(cfg: dict, model, optimizer, placement, runtime, batch_shape
     """The speed settings applied (``accel.prepare``: memory format, conv formulations, compile) and
     the step's inputs bundled: what train.py trains with, and what the benchmarks time."""
     t = cfg["train"]
-    runner = accel.prepare(model, cfg, placement, batch_shape, say=say)
+    runner = accel.prepare(model, cfg, placement, batch_shape, say=say, wrap=overlap_wrapper(cfg, runtime, placement))
     memory = memwatch.MemoryWatch(placement, runtime, model, optimizer, compiled=t["compile"],
                                   distributed=not isinstance(runtime, LocalRuntime),
                                   snapshot_path=snapshot_path(cfg, placement, runtime))
     return Trainer(runner, optimizer, placement, runtime, t["precision"],
                    channels_last=accel.on_cuda(placement) and t["channels_last"], seed=cfg["run"]["seed"],
                    memory=memory)
+
+
+def overlap_wrapper(cfg: dict, runtime, placement):
+    """``parallel.grad_sync: overlap`` with data replicas: the model under DDP over the replicas (its bucketed
+    all-reduce runs during backward); None when there is nothing to overlap or the flat sync is asked for."""
+    if cfg["parallel"]["grad_sync"] != "overlap" or runtime.num_replicas == 1 or isinstance(runtime, LocalRuntime):
+        return None
+    from parallel.overlap import overlap_replicas
+    return lambda model: overlap_replicas(model, runtime, placement.input_device)
 
 
 def snapshot_path(cfg: dict, placement, runtime) -> str | None:

@@ -11,9 +11,9 @@ writes them ("128", "656914", "0.05"), because TensorBoard prints numbers with f
 significant digits (128.00, 6.5691e+05).
 
 A run writes its session (start and end) and an experiment of its own; a study writes
-one experiment for all its runs in its root folder (``write_study_experiment``), with the
+one experiment for all its runs in its first summary run, ``_mean/<config>`` (``write_study_experiment``), with the
 values that occur, and marks its runs' own experiments as not to be used (TensorBoard
-takes the first experiment it finds, so only the root's is written when the study runs
+takes the first experiment it finds, so only the study's is written when the study runs
 the training itself, and a study collected from runs made elsewhere rewrites nothing but
 its own).
 """
@@ -83,12 +83,14 @@ def session_summaries(hparams: dict) -> list:
             _plugin_summary(metadata.SESSION_END_INFO_TAG, session_end_info=end)]
 
 
-def write_study_experiment(study_dir: str, runs: list[dict]) -> str:
-    """One experiment for the study's runs, in its root folder (replaced each time); returns the file."""
+def write_study_experiment(study_dir: str, runs: list[dict], clean: str | None = None) -> str:
+    """One experiment for the study's runs, in ``study_dir`` (replaced each time; ``clean``: another folder
+    an earlier one may be in, removed there too); returns the folder."""
     from torch.utils.tensorboard import SummaryWriter
-    for name in os.listdir(study_dir):
-        if name.startswith("events.out.tfevents.") and name.endswith(".hparams"):
-            os.remove(os.path.join(study_dir, name))
+    for folder in {study_dir, clean or study_dir}:
+        for name in os.listdir(folder):
+            if name.startswith("events.out.tfevents.") and name.endswith(".hparams"):
+                os.remove(os.path.join(folder, name))
     writer = SummaryWriter(study_dir, filename_suffix=".hparams")
     writer.file_writer.add_summary(experiment_summary(runs))
     writer.close()

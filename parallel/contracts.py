@@ -69,6 +69,7 @@ class Runtime(Protocol):
     any_rank_async(flag)      the same vote started now, answered by calling the result (a step later)
     barrier()                 every process reaches this point
     all_gather_object(obj)    every process's small picklable ``obj``, in process order (per-epoch reports)
+    plan_rows(rows)           every replica's rows of the next step, when the loop knows them (its sampler)
     """
 
     is_main: bool
@@ -87,3 +88,5 @@ class Runtime(Protocol):
     def barrier(self) -> None: ...
 
     def all_gather_object(self, obj) -> list: ...
+
+    def plan_rows(self, rows: list[int]) -> None: ...

@@ -4,10 +4,9 @@ The world of N = D x K ranks forms a 2-D device mesh ("data", "group"); the rank
 position k of the "group" dimension is slot k: it holds block k of every layer's groups
 (one group each when a layer has K groups). Cross-group layers all-gather over the
 "group" dimension, channel shuffles are one all-to-all over it; gradients are averaged
-over the "data" dimension with one explicit all-reduce per step after backward
-(``parallel.runtime.DistributedRuntime``: exact and simple; DDP's overlap of that
-all-reduce with backward is what it would add, at the price of wrapping a module whose
-forward runs collectives of its own).
+over the "data" dimension, by DDP's bucketed all-reduces during backward
+(``parallel.overlap``, train.py's default) or by one all-reduce after it
+(``parallel.runtime.DistributedRuntime.sync_gradients``, ``parallel.grad_sync: flat``).
 """
 from __future__ import annotations
 

@@ -100,6 +100,10 @@ class HybridRuntime(DistributedRuntime):
                 p.grad.div_(self.num_replicas)
         super().sync_gradients([p for p in params if id(p) not in shards])
 
+    def plan_rows(self, rows: list[int]) -> None:
+        """Nothing to weigh: the row exchange already weighs each rank's loss by its rows, so the conv
+        gradients are averaged with 1/K each, overlapped (DDP) or not."""
+
 
 def init_hybrid_from_env(groups: int, backend: str = "auto", timeout_s: float = 600,
                          counter: CommCounter | None = None, conv_counter: CommCounter | None = None):

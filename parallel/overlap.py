@@ -21,6 +21,8 @@ dimension's all-gathers and reduce-scatters): DDP only adds its bucket all-reduc
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -46,7 +48,7 @@ class RowWeights:
         return {k: v for k, v in self.__dict__.items() if k != "pg"}
 
 
-def row_weighted_all_reduce(state: RowWeights, bucket) -> torch.futures.Future:
+def row_weighted_all_reduce(state: RowWeights, bucket):  # (no return annotation: DDP checks it, and it is a string here)
     """DDP communication hook: sum over replicas of (w_k x this replica's bucket), in place."""
     buffer = bucket.buffer()
     buffer.mul_(state.weight)
@@ -55,20 +57,44 @@ def row_weighted_all_reduce(state: RowWeights, bucket) -> torch.futures.Future:
 
 
 def wrap(model: nn.Module, data_pg, device: torch.device, replica: int, replicas: int,
-         bucket_cap_mb: float = 25.0) -> tuple[nn.Module, RowWeights]:
+         bucket_cap_mb: float = 25.0, split_pg=None) -> tuple[nn.Module, RowWeights]:
     """``model`` under DDP over ``data_pg`` with the row-weighted hook; (the DDP module, its RowWeights).
 
-    The parameters whose rows are split over ``data_pg`` itself (hybrid fc shards) are left out.
+    The parameters whose rows are split over ``split_pg`` (default ``data_pg``) are left out: the
+    hybrid's fc shards, split over the very ranks that are its replicas.
     Parameters are equal on every replica already (seeded init, or a loaded checkpoint), so DDP's
     start-up broadcast is skipped; buffers are not broadcast per step (they are equal or per-slot).
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
-    ignored = [name for name, p in model.named_parameters() if split_over(p) is data_pg]
+    split_pg = data_pg if split_pg is None else split_pg
+    ignored = [name for name, p in model.named_parameters() if split_over(p) is split_pg]
     if ignored:
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device = torch.device(device)
+    # no buffer sync per forward (dropout's draws are per slot, equal everywhere); torch 2.14 renamed the switch
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters \
+        else {"broadcast_buffers": False}
     ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None, process_group=data_pg,
-              broadcast_buffers=False, gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb, init_sync=False)
+              gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb, init_sync=False, **no_sync)
     state = RowWeights(data_pg, replica, replicas)
     ddp.register_comm_hook(state, row_weighted_all_reduce)
     return ddp, state
+
+
+def overlap_replicas(model: nn.Module, runtime, device: torch.device, bucket_cap_mb: float = 25.0) -> nn.Module:
+    """What a training loop trains instead of ``model`` when its data replicas should sync during backward:
+    ``model`` under DDP (``wrap``) over ``runtime``'s replicas, attached to the runtime so that its
+    ``sync_gradients`` leaves those gradients to DDP and ``plan_rows`` sets their weights.
+
+    The hybrid placement's replicas are every rank, the very ranks its forward's collectives run over:
+    DDP gets a second process group of the same ranks, so its bucket all-reduces never interleave
+    with those exchanges on one group.
+    """
+    from parallel.hybrid import HybridRuntime
+    pg = runtime.data_pg
+    if isinstance(runtime, HybridRuntime):
+        pg = dist.new_group(ranks=dist.get_process_group_ranks(pg), backend=dist.get_backend(pg))
+    ddp, weights = wrap(model, pg, device, runtime.replica, runtime.num_replicas, bucket_cap_mb,
+                        split_pg=runtime.data_pg)
+    runtime.attach_overlap(weights)
+    return ddp

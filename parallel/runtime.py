@@ -24,6 +24,9 @@ class LocalRuntime:
     def sync_gradients(self, params, rows: int | None = None) -> None:
         pass
 
+    def plan_rows(self, rows: list[int]) -> None:
+        """Every replica's rows of the next step: one replica has nothing to weigh."""
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
@@ -56,6 +59,18 @@ class DistributedRuntime:
         self.global_rank, self.replica, self.num_replicas = global_rank, replica, num_replicas
         self.device = torch.device(device)
         self.counter = counter if counter is not None else CommCounter()
+        self.overlap = None  # parallel.overlap.RowWeights once a DDP wrapper syncs the gradients in backward
+
+    def attach_overlap(self, weights) -> None:
+        """From now on DDP (``parallel.overlap.wrap``) all-reduces the gradients during backward, weighted
+        by ``weights``; ``sync_gradients`` leaves them as they are."""
+        self.overlap = weights
+
+    def plan_rows(self, rows: list[int]) -> None:
+        """Every replica's rows of the next step (from the loop's sampler): the overlapped all-reduce
+        weighs this replica's gradient by rows[replica] / sum(rows). (The flat one learns them itself.)"""
+        if self.overlap is not None:
+            self.overlap.plan(rows)
 
     @property
     def is_main(self) -> bool:
@@ -73,7 +88,7 @@ class DistributedRuntime:
         global batch even when the replicas' slices differ in size; the row count rides in
         the same all-reduce. Without it every replica weighs the same.
         """
-        if self.num_replicas == 1:
+        if self.num_replicas == 1 or self.overlap is not None:  # overlapped: DDP did it during backward
             return
         grads = [p.grad for p in params if p.grad is not None]
         parts = [g.reshape(-1) for g in grads]

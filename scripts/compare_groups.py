@@ -6,6 +6,10 @@
   python scripts/compare_groups.py configs/fashion_mnist --collect-only     # report from existing runs
   tensorboard --logdir runs/fashion_mnist                                  # every run side by side
 
+In TensorBoard, Custom Scalars opens on one curve per config: the mean over its seeds with a
+band of one standard deviation (the summary runs _mean/<config>, rewritten as runs finish;
+set smoothing to 0, the curves are per epoch); the per-run charts follow.
+
 Each run goes to runs/<family>/<config>-s<seed>/ (or --runs-dir), e.g. g2-s0 or root-s1. A run whose summary.json
 exists is skipped; one with a checkpoint but no summary is resumed, so the study can be
 stopped (Ctrl-C) and started again at any time without losing finished work. A run
@@ -30,6 +34,7 @@ from alexnet.spec import SpecError
 from data.errors import DataError
 from parallel.placement import PlacementError
 from alexnet.hparams import write_study_experiment
+from study_bands import SUMMARY_DIR, write_summary_runs
 from study_report import build_report
 from study_stats import EQUIVALENCE_MARGIN
 
@@ -94,6 +99,10 @@ def study_hparams(runs: list[dict]) -> list[dict]:
     return out
 
 
+def family_of(runs: list[dict]) -> str:
+    return os.path.dirname(os.path.normpath(runs[0]["dir"]))
+
+
 def run_study(runs: list[dict]) -> None:
     todo = [r for r in runs if r["state"] != "done"]
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to train", flush=True)
@@ -110,6 +119,7 @@ def run_study(runs: list[dict]) -> None:
         epochs_left -= r["cfg"]["train"]["epochs"]
         print(f"[{i}/{len(todo)}] {r['name']} seed={r['seed']}: final val top-1 "
               f"{summary['final_val_top1_err']:.2f}%, {time.perf_counter() - start:.0f} s", flush=True)
+        write_summary_runs(family_of(runs), runs)  # the seed bands, with this run in them
 
 
 def main(argv=None) -> int:
@@ -142,7 +152,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nstudy interrupted: finished runs are kept; run the same command to continue", file=sys.stderr)
         return 130
-    family_dir = os.path.dirname(os.path.normpath(runs[0]["dir"]))
+    family_dir = family_of(runs)
+    written = write_summary_runs(family_dir, runs)
     missing = [f"{r['name']} seed {r['seed']} ({r['dir']})" for r in runs
                if not os.path.isfile(os.path.join(r["dir"], "summary.json"))]
     if missing and not args.allow_missing:
@@ -155,8 +166,8 @@ def main(argv=None) -> int:
         return 1
     print(text)
     hparams = study_hparams(runs)
-    if hparams:
-        write_study_experiment(family_dir, hparams)
+    if hparams:  # in the first summary run: no run named "." in TensorBoard, and it is found first
+        write_study_experiment(written[0] if written else family_dir, hparams, clean=family_dir)
     print(f"wrote {family_dir}/comparison.md, comparison.csv, comparison.png and the HParams experiment")
     print(f"compare the runs in TensorBoard: tensorboard --logdir {family_dir}")
     return 0

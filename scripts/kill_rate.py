@@ -146,6 +146,17 @@ BUGS = [
      "        self._check_devices()\n", "", ["tests/test_promises.py"]),
     ("input_mode= is dropped without a word", "parallel/layers.py",
      "    if input_mode is None:\n", "    if True:\n", ["tests/test_promises.py"]),
+    ("DDP's buckets are averaged, not weighted by the replicas' rows", "parallel/overlap.py",
+     "buffer.mul_(state.weight)", "buffer.mul_(1.0 / state.replicas)", ["tests/test_grad_sync.py"]),
+    ("the seed band is the population sd", "scripts/study_bands.py",
+     "sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0",
+     "sd = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))", ["tests/test_tensorboard.py"]),
+    ("the seed bands reach epochs some seeds have not", "scripts/study_bands.py",
+     'reached = min(h[-1]["epoch"] for h in histories)', 'reached = max(h[-1]["epoch"] for h in histories)',
+     ["tests/test_tensorboard.py::test_bands_use_only_epochs_every_seed_reached"]),
+    ("a resumed study appends its seed bands to the old ones", "scripts/study_bands.py",
+     "shutil.rmtree(folder, ignore_errors=True)", "pass",
+     ["tests/test_tensorboard.py::test_a_resumed_study_rewrites_the_bands_without_duplicate_steps"]),
 ]
 
 

@@ -343,3 +343,45 @@ def checkpoint_gather(rank: int, world: int, store: str, groups: int, out: str):
     torch.save({"weights": ckpt_io.model_state(model), "optimizer": ckpt_io.optimizer_state(model, optimizer),
                 "everywhere": full_state_dict(model)}, f"{out}.{rank}")
     finish()
+
+
+def grad_sync_curve(rank: int, world: int, store: str, groups: int, mode: str, hybrid: bool, steps: int, out: str):
+    """``steps`` SGD steps on 7-row global batches (slices of unequal size), gradients synced ``flat`` (the
+    runtime's one all-reduce after backward) or ``overlap`` (DDP's buckets during backward): every rank's
+    losses and, on rank 0, the final reference-layout weights."""
+    setup(rank, world, store)
+    from alexnet.init import init_reference_state
+    from alexnet.model import GroupAlexNet
+    from conftest import tiny_spec
+    from parallel.overlap import overlap_replicas
+    spec = tiny_spec(groups)
+    rows = None
+    if hybrid:
+        from parallel.hybrid import init_hybrid_from_env
+        conv, fc, rows, runtime = init_hybrid_from_env(spec.slot_groups, "gloo")
+        model = GroupAlexNet(spec, conv, fc_placement=fc, rows=rows)
+    else:
+        _, runtime, model = alexnet_on_this_rank(spec)
+    load_full_state_dict(model, init_reference_state(spec, 0))
+    trained = overlap_replicas(model, runtime, torch.device("cpu")) if mode == "overlap" else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = batch_of(7 * steps)
+    losses = []
+    for step in range(steps):
+        sizes = [len(t) for t in torch.tensor_split(torch.arange(7), runtime.num_replicas)]
+        lo = 7 * step + sum(sizes[:runtime.replica])
+        mine = slice(lo, lo + sizes[runtime.replica])
+        runtime.plan_rows(sizes)
+        if rows is not None:
+            rows.plan(sizes)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(trained(x[mine]), y[mine])
+        loss.backward()
+        runtime.sync_gradients(model.parameters(), rows=sizes[runtime.replica])
+        opt.step()
+        losses.append(loss.item())
+    weights = full_state_dict(model)
+    if rank == 0:
+        torch.save({"weights": weights}, f"{out}.weights")
+    torch.save({"losses": losses}, f"{out}.{rank}")
+    finish()

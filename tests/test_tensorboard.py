@@ -107,8 +107,72 @@ def test_hparams_opens_on_the_study_and_lists_every_run(study_dir):
 
 
 def test_custom_scalars_layout_is_served(study_dir):
+    """Custom Scalars opens on the seed bands (a margin chart per compared metric), then the per-run charts."""
     from alexnet.logs import CUSTOM_SCALARS
+    from study_bands import CATEGORY, COMPARED
     with TensorBoard(study_dir) as tb:
-        layout = tb.poll(lambda: tb.get("/data/plugin/custom_scalars/layout"), lambda lay: lay.get("category"))
-        titles = {c["title"]: [chart["title"] for chart in c["chart"]] for c in layout["category"]}
+        layout = tb.poll(lambda: tb.get("/data/plugin/custom_scalars/layout"), lambda lay: len(lay.get("category", [])) > 1)
+        first, *rest = layout["category"]
+        assert first["title"] == CATEGORY
+        assert [c["margin"]["series"][0] for c in first["chart"]] == [
+            {"value": f"seeds/{m}", "lower": f"seeds/{m}/lower", "upper": f"seeds/{m}/upper"} for m in COMPARED]
+        titles = {c["title"]: [chart["title"] for chart in c["chart"]] for c in rest}
         assert titles == {category: list(charts) for category, charts in CUSTOM_SCALARS.items()}
+        runs = tb.get("/data/runs")
+        # no run "." (the study's HParams experiment lives in its first summary run); sorted, the summary runs lead
+        assert "." not in runs and sorted(runs)[:2] == ["_mean/g1", "_mean/g2"], runs
+
+
+def served_series(tb, run, tag):
+    from urllib.parse import quote
+    points = tb.poll(lambda: tb.get(f"/data/plugin/scalars/scalars?run={quote(run, safe='')}&tag={quote(tag, safe='')}"),
+                     lambda p: len(p) > 0)
+    return [(step, value) for _, step, value in points]
+
+
+def test_seed_bands_are_the_mean_and_sd_of_the_runs_own_metrics(study_dir):
+    import statistics
+    with TensorBoard(study_dir) as tb:
+        for config in ("g1", "g2"):
+            histories = []
+            for seed in (0, 1):
+                with open(study_dir / f"{config}-s{seed}" / "metrics.jsonl") as f:
+                    histories.append([json.loads(line) for line in f])
+            for metric in ("val_top1_err", "train_loss"):
+                per_epoch = [[h[e][metric] for h in histories] for e in range(len(histories[0]))]
+                mean = served_series(tb, f"_mean/{config}", f"seeds/{metric}")
+                lower = served_series(tb, f"_mean/{config}", f"seeds/{metric}/lower")
+                upper = served_series(tb, f"_mean/{config}", f"seeds/{metric}/upper")
+                assert [s for s, _ in mean] == list(range(1, len(per_epoch) + 1))
+                for (step, m), (_, lo), (_, hi), values in zip(mean, lower, upper, per_epoch):
+                    sd = statistics.stdev(values)
+                    assert m == pytest.approx(statistics.mean(values), rel=1e-5)
+                    assert lo == pytest.approx(m - sd, rel=1e-5, abs=1e-5)
+                    assert hi == pytest.approx(m + sd, rel=1e-5, abs=1e-5)
+
+
+def test_a_resumed_study_rewrites_the_bands_without_duplicate_steps(study_dir, tmp_path):
+    import shutil
+    copy = tmp_path / "tinyfam"
+    shutil.copytree(study_dir, copy)
+    from study_bands import write_summary_runs
+    runs = [{"name": c, "dir": str(copy / f"{c}-s{s}")} for c in ("g1", "g2") for s in (0, 1)]
+    for _ in range(2):  # as a study that stops and starts again does
+        write_summary_runs(str(copy), runs)
+    for config in ("g1", "g2"):
+        files = [f for f in os.listdir(copy / "_mean" / config) if f.startswith("events.out.tfevents.")]
+        assert len(files) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(copy / "_mean" / "g1"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("seeds/val_top1_err")]
+    assert steps == sorted(set(steps)) and steps
+
+
+def test_bands_use_only_epochs_every_seed_reached():
+    from study_bands import bands
+    a = [{"epoch": e, "val_top1_err": 10.0 + e} for e in (1, 2, 3)]
+    b = [{"epoch": e, "val_top1_err": 12.0 + e} for e in (1, 2)]
+    got = bands([a, b])["val_top1_err"]
+    assert [p[0] for p in got] == [1, 2] and got[0][1] == pytest.approx(12.0)
+    assert bands([a, []]) == {}

@@ -48,9 +48,11 @@ def bands(histories: list[list[dict]]) -> dict[str, list[tuple[int, float, float
 
 def layout() -> dict:
     """The summary runs' Custom Scalars category (torch's add_custom_scalars form): a margin chart per metric."""
+    # last first: TensorBoard (2.21) draws a margin category's charts in reverse order, and val top-1 error
+    # should open the page
     return {CATEGORY: {f"{title}, mean +- 1 sd over seeds": ["Margin", [f"seeds/{m}", f"seeds/{m}/lower",
                                                                         f"seeds/{m}/upper"]]
-                       for m, title in COMPARED.items()}}
+                       for m, title in reversed(COMPARED.items())}}
 
 
 def read_history(run_dir: str) -> list[dict]:

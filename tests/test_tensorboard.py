@@ -115,7 +115,7 @@ def test_custom_scalars_layout_is_served(study_dir):
         first, *rest = layout["category"]
         assert first["title"] == CATEGORY
         assert [c["margin"]["series"][0] for c in first["chart"]] == [
-            {"value": f"seeds/{m}", "lower": f"seeds/{m}/lower", "upper": f"seeds/{m}/upper"} for m in COMPARED]
+            {"value": f"seeds/{m}", "lower": f"seeds/{m}/lower", "upper": f"seeds/{m}/upper"} for m in reversed(COMPARED)]
         titles = {c["title"]: [chart["title"] for chart in c["chart"]] for c in rest}
         assert titles == {category: list(charts) for category, charts in CUSTOM_SCALARS.items()}
         runs = tb.get("/data/runs")

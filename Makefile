@@ -1,13 +1,16 @@
 # Two commands on a fresh machine:
 #   make demo   set up, get Fashion-MNIST, run the group-count study (G = 1..4, 2 epochs, seed 0)
 #   make test   set up if needed, run the tests
+# and the README's results:
+#   make study        G = 1..4 x 5 seeds x 4 epochs (about 40 minutes on 2 cores) -> docs/study/
+#   make topologies   6 configs x 3 seeds x 4 epochs (reuses make study's runs where it can) -> docs/topologies/
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The torch build to install first (this project is tested with these versions).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup check-tools fashion-mnist clean
+.PHONY: demo test setup check-tools fashion-mnist clean study topologies
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "error: $(PYTHON) cannot make a virtualenv; install python3-venv (Debian/Ubuntu: apt-get install python3-venv)"; exit 2; }
@@ -30,6 +33,20 @@ fashion-mnist:
 
 demo: setup fashion-mnist
 	$(BIN)/python scripts/compare_groups.py configs/fashion_mnist --seeds 0 --set train.epochs=2 --runs-dir runs/demo
+	@echo "This was one seed of 2 epochs: it cannot tell G = 2 from G = 1. The run that can is make study"
+	@echo "(G = 1..4 x 5 seeds x 4 epochs, about 40 minutes on 2 cores; its report is the README's table)."
+
+study: setup fashion-mnist
+	$(BIN)/python scripts/compare_groups.py configs/fashion_mnist --seeds 0 1 2 3 4 --runs-dir runs/study
+	mkdir -p docs/study && cp runs/study/comparison.md runs/study/comparison.csv runs/study/comparison.png docs/study/
+
+# G = 1, 2, 4 of seeds 0-2 are make study's runs (same config and seed): linked, not trained again
+TOPOLOGY_SHARED := g1-s0 g1-s1 g1-s2 g2-s0 g2-s1 g2-s2 g4-s0 g4-s1 g4-s2
+topologies: setup fashion-mnist
+	mkdir -p runs/topologies
+	for r in $(TOPOLOGY_SHARED); do if [ -f runs/study/$$r/summary.json ] && [ ! -e runs/topologies/$$r ]; then ln -s ../study/$$r runs/topologies/$$r; fi; done
+	$(BIN)/python scripts/compare_groups.py configs/fashion_mnist --configs g1 g2 g4 g4_own g4_shuffle root --seeds 0 1 2 --runs-dir runs/topologies
+	mkdir -p docs/topologies && cp runs/topologies/comparison.md runs/topologies/comparison.csv runs/topologies/comparison.png docs/topologies/
 
 # what the tests need beyond Python: a C compiler (torch.compile's CPU backend) and pgrep (procps)
 check-tools:

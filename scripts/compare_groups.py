@@ -72,14 +72,15 @@ def plan(config_dir: str, configs: list, seeds: list[int], overrides: list[str],
 
 
 def check_same_settings(cfg: dict, run_dir: str) -> None:
-    """Refuse to reuse a run folder whose saved config differs from the one requested."""
+    """Refuse to reuse a run folder whose saved config differs from the one requested (where the folder
+    is, ``run.dir``, is not a setting: a finished run linked into another study is the same run)."""
     saved_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(saved_path):
         return
     with open(saved_path) as f:
         saved = yaml.safe_load(f)
     differ = [f"{section}.{key}" for section in cfg for key in cfg[section]
-              if saved.get(section, {}).get(key) != cfg[section][key]]
+              if (section, key) != ("run", "dir") and saved.get(section, {}).get(key) != cfg[section][key]]
     if differ:
         raise ConfigError(f"{run_dir} was trained with other settings ({', '.join(differ[:4])}); delete it, "
                           "or pass --runs-dir to keep this study's runs elsewhere")

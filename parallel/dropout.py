@@ -11,7 +11,7 @@ step) and the layer's name. So any slice of the mask holds the same numbers whoe
 slice: one slot, G slots on G devices (each device's own generator plays no part, so
 two GPUs never drop the same units together), G ranks, D x G ranks, the hybrid placement,
 and a run resumed in another placement. It is a few integer tensor ops on the slot's
-device: no generator object, no host work per step beyond two ``fill_``, nothing a
+device: no generator object, no host work per step beyond a few ``fill_``, nothing a
 compiled graph breaks on (step and row offset are tensors, so they never recompile it).
 
 Like ``nn.Dropout``, every training forward draws a new mask by itself: the layer keeps its

@@ -2,7 +2,7 @@
 # Screenshots of a logdir's TensorBoard HParams and Custom Scalars pages, with headless Chromium
 # (Debian/Ubuntu: apt-get install chromium). Not run in CI.
 #
-#   scripts/tensorboard_shots.sh runs/demo docs        # writes docs/tensorboard_hparams.png, docs/tensorboard_custom_scalars.png
+#   scripts/tensorboard_shots.sh runs/study docs       # writes docs/tensorboard_hparams.png, docs/tensorboard_custom_scalars.png
 set -euo pipefail
 logdir=${1:?usage: $0 LOGDIR [OUTDIR]}
 outdir=${2:-.}

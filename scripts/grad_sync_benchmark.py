@@ -126,8 +126,9 @@ def main(argv=None) -> int:
                   f"{1e3 * e['overlap']:.0f} ms | {r['overlap_over_flat_step']:.2f} |", flush=True)
     if args.json:
         from alexnet.fit import code_commit
+        commit = code_commit()  # before the file is opened: a tracked file truncated reads as "+changes"
         with open(args.json, "w") as f:
-            json.dump({"commit": code_commit(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump({"commit": commit, "torch": torch.__version__, "rows": rows}, f, indent=2)
     return 0
 
 

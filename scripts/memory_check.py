@@ -124,8 +124,9 @@ def main(argv=None) -> int:
     print()
     print(markdown(rows, args.batch, args.precision, budget))
     if args.json:
+        commit = code_commit()  # before the file is opened: a tracked file truncated reads as "+changes"
         with open(args.json, "w") as f:
-            json.dump({"commit": code_commit(), "torch": torch.__version__, "batch": args.batch,
+            json.dump({"commit": commit, "torch": torch.__version__, "batch": args.batch,
                        "precision": args.precision, "fit_bytes": budget, "rows": rows}, f, indent=2)
     return 0
 

@@ -30,13 +30,13 @@ def bands(histories: list[list[dict]]) -> dict[str, list[tuple[int, float, float
     """Per metric, (epoch, mean, lower, upper) for every epoch all ``histories`` (one per seed) reached."""
     if not histories or not all(histories):
         return {}
-    reached = min(h[-1]["epoch"] for h in histories)
+    reached = min(h[-1]["epoch"] for h in histories)  # the last epoch every seed has reached
     out = {}
     for metric in COMPARED:
         series = []
         for epoch in range(1, reached + 1):
             values = [r[metric] for h in histories for r in h if r["epoch"] == epoch and r.get(metric) is not None]
-            if len(values) != len(histories) or not all(map(math.isfinite, values)):
+            if not values or not all(map(math.isfinite, values)):  # a metric this config has not (G = 1: between)
                 continue
             mean = sum(values) / len(values)
             sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0

@@ -2,7 +2,7 @@
 #   make demo   set up, get Fashion-MNIST, run the group-count study (G = 1..4, 2 epochs, seed 0)
 #   make test   set up if needed, run the tests
 # and the README's results:
-#   make study        G = 1..4 x 5 seeds x 4 epochs (about 40 minutes on 2 cores) -> docs/study/
+#   make study        G = 1..4 x 5 seeds x 4 epochs (36 minutes on 2 cores) -> docs/study/
 #   make topologies   6 configs x 3 seeds x 4 epochs (reuses make study's runs where it can) -> docs/topologies/
 PYTHON ?= python3
 VENV   ?= .venv
@@ -34,7 +34,7 @@ fashion-mnist:
 demo: setup fashion-mnist
 	$(BIN)/python scripts/compare_groups.py configs/fashion_mnist --seeds 0 --set train.epochs=2 --runs-dir runs/demo
 	@echo "This was one seed of 2 epochs: it cannot tell G = 2 from G = 1. The run that can is make study"
-	@echo "(G = 1..4 x 5 seeds x 4 epochs, about 40 minutes on 2 cores; its report is the README's table)."
+	@echo "(G = 1..4 x 5 seeds x 4 epochs, 36 minutes on 2 cores; its report is the README's table)."
 
 study: setup fashion-mnist
 	$(BIN)/python scripts/compare_groups.py configs/fashion_mnist --seeds 0 1 2 3 4 --runs-dir runs/study

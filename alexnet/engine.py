@@ -117,7 +117,7 @@ def train_one_epoch(t: Trainer, loader, schedule, epoch: int, step: int, hooks: 
     vote = None
     comm_bytes = None
     drops = dropout_layers(model)
-    row_exchange = getattr(model, "rows", None)  # the hybrid's: told each step's row counts by the sampler
+    row_exchange = row_exchange_of(model)  # the hybrid's: told each step's row counts by the sampler
     first_batch = loader.sampler.skip if hasattr(loader, "sampler") else 0
     start = time.perf_counter()
     for batch_index, (images, labels) in enumerate(loader, start=first_batch):
@@ -184,6 +184,12 @@ def report_step(t: Trainer, hooks: EpochHooks, step: int, lr: float, loss: torch
         hooks.on_log(step, loss_sum / rows, lr)
     if hooks.progress:
         hooks.progress.set_postfix(loss=f"{(sums[0] / sums[3]).item():.4f}", lr=f"{lr:.3g}")
+
+
+def row_exchange_of(model: torch.nn.Module):
+    """The hybrid placement's row exchange of ``model``, or None; found through any wrapper (DDP's
+    ``module``, torch.compile's ``_orig_mod``), which do not pass attribute reads on alike."""
+    return next((m.rows for m in model.modules() if getattr(m, "rows", None) is not None), None)
 
 
 def row_offset(loader, batch_index: int, runtime) -> int:

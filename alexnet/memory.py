@@ -31,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alexnet.spec import FC_NAMES, LRN_AFTER, POOL_AFTER, POOL_KERNEL, POOL_STRIDE, AlexNetSpec
+from parallel.placement import split_sizes
+from parallel.sharded import slot_sizes
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "exchange", "input")
 UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
@@ -66,14 +68,6 @@ class SlotMemory:
     def as_dict(self) -> dict:
         return {**{c: getattr(self, c) for c in CATEGORIES}, "peak": self.peak, "total": self.total,
                 "exchange_by_layer": dict(self.exchange_by_layer)}
-
-
-def _blocks(total: int, groups: int, slots: int) -> list[int]:
-    """Each slot's share of ``total`` channels split evenly over ``groups`` groups (larger groups first)."""
-    base, extra = divmod(total, groups)
-    sizes = [base + (1 if g < extra else 0) for g in range(groups)]
-    per = groups // slots
-    return [sum(sizes[k * per:(k + 1) * per]) for k in range(slots)]
 
 
 class _Walk:
@@ -143,7 +137,7 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
         largest = 0  # the slot's largest weight tensor (bytes)
         for info in infos:
             G = info.groups
-            rows = _blocks(info.out_channels, G, slots)[k]
+            rows = slot_sizes(split_sizes(info.out_channels, G), slots)[k]  # as the layers deal groups
             per_out = info.out_shape[1] * info.out_shape[2] if info.kind == "conv" else 1
             in_per_row = info.params // info.out_channels - 1  # weights per output row
             weights = rows * in_per_row * 4 + rows * 4

@@ -41,12 +41,6 @@ class RowWeights:
         """Every replica's rows of the next step: this replica's gradient weighs rows[replica] / sum(rows)."""
         self.weight = rows[self.replica] / sum(rows)
 
-    def __setstate__(self, state):  # DDP may pickle the hook's state; the process group does not travel
-        self.__dict__.update(state)
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "pg"}
-
 
 def row_weighted_all_reduce(state: RowWeights, bucket):  # (no return annotation: DDP checks it, and it is a string here)
     """DDP communication hook: sum over replicas of (w_k x this replica's bucket), in place."""

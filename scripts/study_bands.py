@@ -13,10 +13,11 @@ the runs' layouts in that order.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
+
+from alexnet.logs import read_metrics
 
 SUMMARY_DIR = "_mean"
 #: metric -> chart title of its margin chart
@@ -55,14 +56,6 @@ def layout() -> dict:
                        for m, title in reversed(COMPARED.items())}}
 
 
-def read_history(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def write_summary_runs(family_dir: str, runs: list[dict]) -> list[str]:
     """Rewrite ``<family_dir>/_mean/<config>`` for every config of ``runs`` ({"name", "dir"} each); returns
     the folders written (a config none of whose seeds finished an epoch gets none)."""
@@ -75,7 +68,7 @@ def write_summary_runs(family_dir: str, runs: list[dict]) -> list[str]:
     for name, dirs in by_config.items():
         folder = os.path.join(root, name)
         shutil.rmtree(folder, ignore_errors=True)
-        series = bands([read_history(d) for d in dirs])
+        series = bands([read_metrics(os.path.join(d, "metrics.jsonl")) for d in dirs])
         if not series:
             continue
         writer = SummaryWriter(folder)

@@ -161,3 +161,33 @@ def test_readme_memory_table_is_the_committed_measurement(root):
     assert two["measured_peak"] <= 0.55 * one["measured_peak"]  # the issue's target, measured
     for r in saved["rows"]:  # the prediction held to the measurement at the paper's geometry
         assert abs(r["predicted_peak_without_input"] - r["measured_peak"]) <= 0.05 * r["measured_peak"]
+
+
+def test_cuda_paths_reset_read_and_snapshot_per_device(tmp_path, monkeypatch):
+    """The CUDA branches, on CPU with the allocator mocked: each epoch resets every slot device's peak, reads
+    it back per device, and train.memory_snapshot records the first steps then writes one file atomically."""
+    from parallel.placement import Slot
+
+    class TwoGPUs:
+        local_slots = [Slot(torch.device("cuda", 0), 0, 0, 1), Slot(torch.device("cuda", 1), 1, 1, 1)]
+        output_device = torch.device("cuda", 0)
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", str(d))))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: {0: 3, 1: 5}[d.index] * memwatch.MIB)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", **kw: calls.append(("record", enabled)))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot",
+                        lambda path: calls.append(("dump", path)) or open(path, "wb").write(b"snapshot"))
+    target = str(tmp_path / "memory_snapshot.pickle")
+    watch = memwatch.MemoryWatch(TwoGPUs(), None, None, None, snapshot_path=target)
+    assert watch.cuda and watch.how.startswith("allocator peak")
+    watch.start_epoch()
+    assert calls == [("reset", "cuda:0"), ("reset", "cuda:1")]
+    for _ in range(memwatch.SNAPSHOT_STEPS + 2):
+        with watch.step():
+            pass
+    assert [c[0] for c in calls[2:]] == ["record", "dump", "record"] and calls[-1] == ("record", None)
+    assert open(target, "rb").read() == b"snapshot" and not calls[3][1] == target  # dumped to a temporary first
+    assert watch.peaks() == {"cuda:0": 3.0, "cuda:1": 5.0}
+    assert memwatch.describe(watch.peaks()) == "peak cuda:0 3 MiB, cuda:1 5 MiB"

@@ -97,3 +97,26 @@ def test_a_strided_slice_crosses_devices_as_one_dense_copy(monkeypatch):
     sent.clear()
     shuffle_to_devices([x], [torch.device("meta")], 2)
     assert sent and all(sent)
+
+
+def test_the_loop_finds_the_hybrid_row_exchange_through_ddp_and_compile():
+    """train.py trains DDP(model) (and compiles it): the loop must still reach the row exchange to plan it."""
+    from torch import nn
+
+    from alexnet.engine import row_exchange_of
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.rows = nn.Linear(2, 2), object()
+
+    class LikeDDP(nn.Module):  # DistributedDataParallel holds the model as .module and passes no attributes on
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    net = Net()
+    assert row_exchange_of(net) is net.rows
+    assert row_exchange_of(LikeDDP(net)) is net.rows
+    assert row_exchange_of(torch.compile(LikeDDP(net))) is net.rows
+    assert row_exchange_of(nn.Linear(2, 2)) is None

@@ -179,23 +179,39 @@ def _format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if nhwc else torch.contiguous_format
 
 
+def _gather_into(output: torch.Tensor, send: torch.Tensor, pg) -> None:
+    """All-gather into one (K * rows, ...) tensor under the installed torch's name for it: ``all_gather_single``
+    from torch 2.14 (where ``all_gather_into_tensor`` warns that it is deprecated), the old name before (2.11)."""
+    import torch.distributed as dist
+    (dist.all_gather_single if hasattr(dist, "all_gather_single") else dist.all_gather_into_tensor)(
+        output, send, group=pg)
+
+
+def _reduce_scatter_into(output: torch.Tensor, send: torch.Tensor, pg) -> None:
+    """Sum over ranks of their (K * rows, ...) tensors, keeping this rank's rows: ``reduce_scatter_single`` from
+    torch 2.14, ``reduce_scatter_tensor`` (deprecated there) before."""
+    import torch.distributed as dist
+    (dist.reduce_scatter_single if hasattr(dist, "reduce_scatter_single") else dist.reduce_scatter_tensor)(
+        output, send, group=pg)
+
+
 def _stack_rows(pieces: list[torch.Tensor]) -> torch.Tensor:
     """The pieces (equal shapes) one after the other along dim 0, in one dense buffer of their memory format:
-    what all_gather_into_tensor fills and reduce_scatter_tensor reads (no per-rank list, no flat copy)."""
+    what the all-gather fills and the reduce-scatter reads (no per-rank list, no flat copy)."""
     return torch.cat([p.contiguous(memory_format=_format_of(p)) for p in pieces], dim=0)
 
 
 def _all_gather_along(shard: torch.Tensor, pg, dim: int, sizes: list[int]) -> torch.Tensor:
     """cat over ranks of ``shard`` along ``dim``, in the shard's memory format (NHWC stays NHWC).
 
-    One all_gather_into_tensor into a (K * rows, ...) buffer, then one cat along ``dim``;
+    One all-gather into a (K * rows, ...) buffer (``_gather_into``), then one cat along ``dim``;
     uneven shares are padded to the largest for the collective, then trimmed.
     """
     import torch.distributed as dist
     send = _padded_to(shard, dim, max(sizes)).contiguous(memory_format=_format_of(shard))
     received = torch.empty((len(sizes) * send.shape[0], *send.shape[1:]), dtype=send.dtype, device=send.device,
                            memory_format=_format_of(send))
-    dist.all_gather_into_tensor(received, send, group=pg)
+    _gather_into(received, send, pg)
     pieces = received.chunk(len(sizes), dim=0)
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, sizes)], dim=dim)
 
@@ -205,7 +221,7 @@ class _AllGatherDistinctConsumers(torch.autograd.Function):
 
     Backward: each rank computed different outputs from Y, so
     dL/dX_g = sum over ranks r of (dL_r/dY)[slice g]: one reduce-scatter (``_sum_own_slice``;
-    gloo has reduce_scatter_tensor too).
+    gloo has it too).
     """
 
     @staticmethod
@@ -222,7 +238,7 @@ class _AllGatherDistinctConsumers(torch.autograd.Function):
 
 
 def _sum_own_slice(grad: torch.Tensor, pg, dim: int, sizes: list[int], index: int) -> torch.Tensor:
-    """sum over ranks of grad[slice index]: one reduce_scatter_tensor of the K slices stacked along dim 0
+    """sum over ranks of grad[slice index]: one reduce-scatter of the K slices stacked along dim 0
     (uneven slices padded to the largest, so it moves K x the largest slice, never K x the whole),
     in the gradient's memory format."""
     import torch.distributed as dist
@@ -230,7 +246,7 @@ def _sum_own_slice(grad: torch.Tensor, pg, dim: int, sizes: list[int], index: in
     chunks = [_padded_to(c, dim, width) for c in grad.split(sizes, dim=dim)]
     send = _stack_rows(chunks)
     out = torch.empty_like(chunks[index], memory_format=_format_of(chunks[index]))
-    dist.reduce_scatter_tensor(out, send, group=pg)
+    _reduce_scatter_into(out, send, pg)
     return out.narrow(dim, 0, sizes[index])
 
 

@@ -10,7 +10,9 @@ over the "data" dimension, by DDP's bucketed all-reduces during backward
 """
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -218,16 +220,48 @@ def join_spawned_world(rank: int, world: int, store_path: str, backend: str = "a
                             timeout=timedelta(seconds=timeout_s))
 
 
+def tear_down() -> None:
+    """Destroy this process's process groups (every one ``init_from_env`` made), while the interpreter is whole.
+
+    Registered with ``atexit`` by ``init_from_env`` and ``init_hybrid_from_env``, so a script that
+    never tears down still does, on a normal exit and after an uncaught exception. Why it
+    matters: gloo's worker threads hold finished work objects whose tensors still refer to
+    Python objects; left for the interpreter's own finalisation, freeing them takes the GIL
+    of an interpreter that is going away, and the process aborts ("terminate called without
+    an active exception", SIGABRT), which torchrun reports as a failed job (pytorch/pytorch
+    PR 179291 describes it). On a normal exit every rank first meets at a barrier, so no rank
+    destroys its groups while a peer's last collective still needs it; after an exception
+    it does not wait for peers that may never come. Harmless when already torn down."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    failed = getattr(sys, "last_value", None) is not None  # set by an uncaught exception before atexit runs
+    try:
+        if not failed:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001  (a peer that died first: nothing left to tear down cleanly)
+        print(f"warning: parallel.distributed could not destroy the process group at exit "
+              f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+
+
+def own_teardown() -> None:
+    """Make sure ``tear_down`` runs at exit, once however often groups are made."""
+    atexit.unregister(tear_down)
+    atexit.register(tear_down)
+
+
 def init_from_env(groups: int, backend: str = "auto", timeout_s: float = 600,
                   counter: CommCounter | None = None) -> tuple[DistributedPlacement, DistributedRuntime]:
     """Under torchrun: init the process group and the (data, group) mesh for ``groups`` groups.
 
     Returns this rank's placement (for the layers) and runtime (for the training loop); both
-    record into the same ``counter``.
+    record into the same ``counter``. The process groups are destroyed at exit (``tear_down``):
+    the caller need not, and may still call ``destroy_process_group`` itself.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     slots = slots_for_world(world, groups)
     device, world, _, control = init_process_group_from_env(backend, timeout_s)
+    own_teardown()
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (world // slots, slots), mesh_dim_names=("data", "group"))
     counter = counter if counter is not None else CommCounter()

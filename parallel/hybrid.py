@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.comm import CommCounter, all_gather_for_distinct_consumers, exchange_bytes, features_to_rows
-from parallel.distributed import DistributedPlacement, init_process_group_from_env
+from parallel.distributed import DistributedPlacement, init_process_group_from_env, own_teardown
 from parallel.placement import LocalPlacement
 from parallel.roles import split_over
 from parallel.runtime import DistributedRuntime
@@ -111,8 +111,10 @@ def init_hybrid_from_env(groups: int, backend: str = "auto", timeout_s: float = 
 
     ``counter`` records every exchange; ``conv_counter``, when given, takes the conv groups' instead
     (they share this rank's device, so a count of traffic between processes leaves them out).
+    The process groups are destroyed at exit (``parallel.distributed.tear_down``).
     """
     device, world, rank, control = init_process_group_from_env(backend, timeout_s)
+    own_teardown()
     counter = counter if counter is not None else CommCounter()
     world_pg = dist.group.WORLD
     conv = LocalPlacement(groups, [str(device)], counter=conv_counter if conv_counter is not None else counter)

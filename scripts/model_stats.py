@@ -46,8 +46,25 @@ def table(spec) -> str:
     return "\n".join(lines)
 
 
+#: what ``alexnet.memory.predict`` models: one process with its slots, and one process per slot (x replicas)
+MODELLED_PLACEMENTS = ("local", "distributed", "auto")
+
+
 def slots_of(cfg: dict, spec, world: int | None) -> dict:
-    """The predict() arguments for the config's placement: its devices in one process, or a torchrun world."""
+    """The predict() arguments for the config's placement: its devices in one process, or a torchrun world.
+    A placement the prediction does not model (hybrid: every rank holds every conv weight, B/K rows of
+    conv maps and 1/K of the fc layers) is refused, as is a one-process placement with --world or a
+    torchrun one without it: never another placement's figures."""
+    placement = cfg["parallel"]["placement"]
+    if placement not in MODELLED_PLACEMENTS:
+        raise ConfigError(f"--memory predicts parallel.placement local and distributed, not {placement} (its ranks "
+                          "hold every conv weight and 1/K of the fc layers); measure it instead: train.py reports "
+                          "each rank's peak memory")
+    if world and placement == "local":
+        raise ConfigError("--world predicts a torchrun launch, and parallel.placement=local is one process; "
+                          "drop --world, or set parallel.placement=distributed")
+    if placement == "distributed" and not world:
+        raise ConfigError("parallel.placement=distributed is one process per rank: give the launch's --world N")
     if world:
         from parallel.distributed import slots_for_world
         k = slots_for_world(world, spec.slot_groups)
@@ -71,7 +88,8 @@ def memory_report(cfg: dict, spec, batch: int, precision: str, world: int | None
 
     def slots_at(b):
         return memory.predict(spec, b, precision=precision, momentum=o["momentum"] > 0,
-                              weight_decay=o["weight_decay"] > 0, fused_sgd=fused, **where)
+                              weight_decay=o["weight_decay"] > 0, fused_sgd=fused,
+                              device_type="cuda" if fused else "cpu", **where)
     report = {"batch": batch, "precision": precision, "devices": {m.label: m.as_dict() for m in slots_at(batch)}}
     if budget is not None:
         report["fit_bytes"] = budget

@@ -38,12 +38,15 @@ class Position:
                    ckpt.get("record"))
 
 
-def build(cfg: dict, position: Position, model: dict | None, optimizer: dict | None, schedule: dict) -> dict:
+def build(cfg: dict, position: Position, model: dict | None, optimizer: dict | None, schedule: dict,
+          speed: dict | None = None) -> dict:
     """The checkpoint (format ``FORMAT``): the run's config, its position, the reference-layout weights
-    and SGD momentum (``model_state``, ``optimizer_state``) and the LR schedule's state."""
+    and SGD momentum (``model_state``, ``optimizer_state``), the LR schedule's state, and the speed
+    choices made at start-up (``alexnet.accel.prepare``: layout, conv formulations), which a resumed
+    run reuses so that it computes exactly as before."""
     return {"format": FORMAT, "config": cfg, "epoch": position.epoch, "step": position.step,
             "epoch_step": position.epoch_step, "partial": position.partial, "record": position.record,
-            "model": model, "optimizer": optimizer, "schedule": schedule, "wall_s": position.wall_s}
+            "model": model, "optimizer": optimizer, "schedule": schedule, "wall_s": position.wall_s, "speed": speed}
 
 
 class CheckpointError(RuntimeError):

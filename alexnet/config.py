@@ -50,10 +50,13 @@ DEFAULTS: dict = {
         "filter_images_every": 1,    # epochs between conv1 filter pictures in TensorBoard (0: never)
         "compile": False,            # torch.compile the model (no graph breaks on the local placement)
         "compile_mode": "default",   # with compile: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
-        "channels_last": True,       # CUDA: NHWC activations and weights (cuDNN's fast layout); ignored on CPU
+        "channels_last": "auto",     # NHWC activations and weights: true | false | auto (CUDA: true, cuDNN's fast
+                                     # layout; CPU, one process: both timed at start-up, the faster kept)
         "cudnn_benchmark": True,     # CUDA: let cuDNN time its algorithms per shape; ignored on CPU
-        "conv_formulation": "auto",  # grouped | split | streams | auto (CUDA: time each per layer at start-up, streams
-                                     # only without compile; CPU: grouped)
+        "conv_formulation": "auto",  # grouped | split | streams | auto (time each per layer at start-up; streams
+                                     # only on CUDA without compile)
+        "cpu_keep_freed": True,      # CPU: glibc keeps freed memory for reuse (mallopt) instead of handing it back
+                                     # to the OS, which costs page faults on every large temporary
         "memory_snapshot": False,    # CUDA: record the allocator's history over the first steps into
                                      # <run.dir>/memory_snapshot.pickle (open it at https://pytorch.org/memory_viz)
     },
@@ -94,6 +97,8 @@ DEFAULTS: dict = {
 
 # Keys whose default is None, and what they accept.
 NULLABLE = {"data.root": str, "run.dir": str}
+# Keys that take true, false or "auto".
+BOOL_OR_AUTO = {"train.channels_last"}
 # Keys that take one int or a list of ints (one per conv layer).
 INT_OR_LIST = {"model.groups"}
 # Mappings whose keys are checked where they are used (model.exchange: layer -> exchange, by the spec).
@@ -193,6 +198,10 @@ def _check_range(path: str, value) -> None:
 def _check_type(path: str, value, default):
     if value is None and path in NULLABLE:
         return None
+    if path in BOOL_OR_AUTO:
+        if not isinstance(value, bool) and value != "auto":
+            raise ConfigError(f"{path}: expected true, false or auto, got {value!r}")
+        return value
     if path in INT_OR_LIST and isinstance(value, list):
         if not value or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value):
             raise ConfigError(f"{path}: expected an int >= 1 or a list of them, got {value!r}")

@@ -57,6 +57,7 @@ class Trainer:
     channels_last: bool = False
     seed: int = 0
     memory: object = None  # alexnet.memwatch.MemoryWatch: wraps each step (CPU: the first one is tracked)
+    choices: dict | None = None  # the layout and conv formulations chosen at start-up (checkpointed)
     diverged: torch.Tensor = field(init=False)
 
     def __post_init__(self):

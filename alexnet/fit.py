@@ -15,8 +15,9 @@ from alexnet.checkpoint import Position
 from alexnet import rundir
 from alexnet.build import data_from_config, placement_from_config, spec_from_config
 from alexnet.config import ConfigError, dump
-from alexnet.engine import EpochHooks, Trainer, TrainingDiverged, evaluate, train_one_epoch
+from alexnet.engine import EpochHooks, Trainer, TrainingDiverged, evaluate, to_input, train_one_epoch
 from alexnet.filters import within_between_correlation
+from alexnet.responses import all_slots_local, grouped_layers, response_correlations, within_between
 from alexnet.graphs import GraphRecordings, describe_recordings
 from alexnet.init import init_reference_state
 from alexnet.logs import RunLog
@@ -46,16 +47,19 @@ def sgd_from_config(cfg: dict, params, placement) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"], fused=fused)
 
 
-def prepare_trainer(cfg: dict, model, optimizer, placement, runtime, batch_shape: tuple[int, ...], say=print) -> Trainer:
-    """The speed settings applied (``accel.prepare``: memory format, conv formulations, compile) and
-    the step's inputs bundled: what train.py trains with, and what the benchmarks time."""
+def prepare_trainer(cfg: dict, model, optimizer, placement, runtime, batch_shape: tuple[int, ...], say=print,
+                    decided: dict | None = None) -> Trainer:
+    """The speed settings applied (``accel.prepare``: memory format, conv formulations, compile; ``decided``:
+    a checkpoint's choices, reused) and the step's inputs bundled: what train.py trains with, and what the
+    benchmarks time."""
     t = cfg["train"]
-    runner = accel.prepare(model, cfg, placement, batch_shape, say=say, wrap=overlap_wrapper(cfg, runtime, placement))
+    runner, choices = accel.prepare(model, cfg, placement, batch_shape, say=say,
+                                    wrap=overlap_wrapper(cfg, runtime, placement), runtime=runtime, decided=decided)
     memory = memwatch.MemoryWatch(placement, runtime, model, optimizer, compiled=t["compile"],
                                   distributed=not isinstance(runtime, LocalRuntime),
                                   snapshot_path=snapshot_path(cfg, placement, runtime))
     return Trainer(runner, optimizer, placement, runtime, t["precision"],
-                   channels_last=accel.on_cuda(placement) and t["channels_last"], seed=cfg["run"]["seed"],
+                   channels_last=choices["channels_last"], seed=cfg["run"]["seed"], choices=choices,
                    memory=memory)
 
 
@@ -125,15 +129,17 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
     spec, placement, runtime, model, optimizer = build_run(cfg, where)
     train_loader, val_loader = data_from_config(cfg, placement, runtime)
     schedule = schedule_from_config(cfg, len(train_loader))
-    position = resume(resume_path, cfg, model, optimizer, schedule)
+    position, decided = resume(resume_path, cfg, model, optimizer, schedule)
     log = RunLog(cfg["run"]["dir"], runtime.is_main, position.epoch, position.step, position.record)
     log.layout()
     best_val = min((m["val_top1_err"] for m in log.history()), default=math.inf)  # for best.pt
-    trainer = prepare_trainer(cfg, model, optimizer, placement, runtime, batch_shape(spec, train_loader, runtime), say)
+    trainer = prepare_trainer(cfg, model, optimizer, placement, runtime, batch_shape(spec, train_loader, runtime), say,
+                              decided)
     t = cfg["train"]
     recordings = GraphRecordings() if t["compile"] and t["compile_mode"] == "reduce-overhead" else None
     write_config(cfg, runtime)
     clock = Clock(position.wall_s)
+    probe = response_probe(val_loader, trainer, runtime)
     stopped, mb_per_step = False, 0.0
     for epoch in range(position.epoch, t["epochs"]):
         epoch_start = time.perf_counter()
@@ -152,12 +158,13 @@ def _fit(cfg: dict, resume_path: str | None, stop_after_epoch: int | None, shoul
         # checkpoint holds, and a crash between the two is repaired on resume (RunLog).
         weights = ckpt_io.model_state(model)  # on rank 0 only, which writes the checkpoint and the metrics
         add_filter_correlation(record, weights, spec)
+        responses = add_response_correlation(record, model, probe)
         position = Position(epoch + 1, result["step"], record=record)
         save(cfg, model, trainer, schedule, position, clock, weights)
         best_val = keep_best(cfg, runtime, record, best_val)
         log.epoch(record)
         report_epoch(cfg, spec, trainer, record, recordings, epoch_step, say)
-        log_filters(cfg, log, weights, spec, epoch)
+        log_filters(cfg, log, weights, spec, epoch, responses)
         if result["stopped"] or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch):
             stopped = result["stopped"]
             break
@@ -173,16 +180,17 @@ def schedule_from_config(cfg: dict, steps_per_epoch: int) -> LRSchedule:
                       o["step_size"], o["gamma"], o["warmup_epochs"])
 
 
-def resume(path: str | None, cfg: dict, model, optimizer, schedule) -> Position:
-    """Load a checkpoint's weights, momentum and schedule; its position (the start when ``path`` is None)."""
+def resume(path: str | None, cfg: dict, model, optimizer, schedule) -> tuple[Position, dict | None]:
+    """Load a checkpoint's weights, momentum and schedule; (its position, its speed choices) (the start
+    and None when ``path`` is None, or the checkpoint predates the choices)."""
     if not path:
-        return Position()
+        return Position(), None
     ckpt = ckpt_io.load(path)
     ckpt_io.check_compatible(ckpt, cfg["model"], path)
     load_full_state_dict(model, ckpt["model"])
     ckpt_io.load_optimizer_state(model, optimizer, ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
-    return Position.of(ckpt)
+    return Position.of(ckpt), ckpt.get("speed")
 
 
 def batch_shape(spec, train_loader, runtime) -> tuple[int, ...]:
@@ -268,6 +276,40 @@ def add_filter_correlation(record: dict, weights: dict | None, spec) -> None:
             weights, spec.layer_groups["conv1"])
 
 
+#: validation images whose responses the grouped layers are correlated on (the first of the val set, fixed)
+PROBE_IMAGES = 512
+
+
+def response_probe(val_loader, trainer: Trainer, runtime) -> torch.Tensor | None:
+    """The first ``PROBE_IMAGES`` validation images (centre crop), on the input device in the training layout;
+    None where the run cannot see every group's responses (torchrun: each process holds its groups only)."""
+    if not (runtime.is_main and isinstance(runtime, LocalRuntime) and all_slots_local(trainer.placement)):
+        return None
+    batches, n = [], 0
+    for images, _ in val_loader:
+        images = images[:, 0] if images.ndim == 5 else images  # 10-crop evaluation: the first crop
+        batches.append(images)
+        n += images.shape[0]
+        if n >= PROBE_IMAGES:
+            break
+    return to_input(torch.cat(batches)[:PROBE_IMAGES], trainer.placement.input_device, trainer.channels_last)
+
+
+def add_response_correlation(record: dict, model, probe: torch.Tensor | None) -> dict:
+    """The seed's claim at every grouped layer: ``<layer>_resp_within`` and ``_resp_between`` in the record
+    (None where not measured: under torchrun, where each process holds only its groups); returns the
+    matrices (for TensorBoard)."""
+    if probe is None:
+        record.update({f"{layer}_resp_{which}": None for layer in grouped_layers(model)
+                       for which in ("within", "between")})
+        return {}
+    matrices = response_correlations(model, probe)
+    groups = {name: m.groups for name, m in model.named_modules() if name in matrices}
+    for layer, corr in matrices.items():
+        record[f"{layer}_resp_within"], record[f"{layer}_resp_between"] = within_between(corr, groups[layer])
+    return matrices
+
+
 def save(cfg: dict, model: GroupAlexNet, trainer: Trainer, schedule, position: Position, clock: Clock,
          weights="assemble") -> None:
     """checkpoints/last.pt, atomically. Every rank takes part (shards are gathered to rank 0); only
@@ -276,7 +318,7 @@ def save(cfg: dict, model: GroupAlexNet, trainer: Trainer, schedule, position: P
     runtime = trainer.runtime
     position.wall_s = clock.wall_s()
     state = ckpt_io.build(cfg, position, ckpt_io.model_state(model) if isinstance(weights, str) else weights,
-                          ckpt_io.optimizer_state(model, trainer.optimizer), schedule.state_dict())
+                          ckpt_io.optimizer_state(model, trainer.optimizer), schedule.state_dict(), trainer.choices)
     if runtime.is_main:
         ckpt_io.save_atomic(state, os.path.join(cfg["run"]["dir"], "checkpoints", "last.pt"))
     runtime.barrier()
@@ -303,10 +345,11 @@ def report_epoch(cfg: dict, spec, trainer: Trainer, record: dict, recordings, st
         say(describe_recordings(recordings.take(), steps, accel.on_cuda(placement)))
 
 
-def log_filters(cfg: dict, log, weights, spec, epoch: int) -> None:
+def log_filters(cfg: dict, log, weights, spec, epoch: int, responses: dict) -> None:
     every = cfg["train"]["filter_images_every"]
     if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg["train"]["epochs"]):
         log.filters(weights, spec.layer_groups["conv1"], epoch + 1)
+        log.responses(responses, epoch + 1)
 
 
 def finish(cfg: dict, spec, where_text: str, runtime, log, clock: Clock, mb_per_step: float, stopped: bool,

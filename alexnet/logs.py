@@ -35,7 +35,9 @@ CUSTOM_SCALARS = {
                  "learning rate": ["Multiline", [r"train/lr"]]},
     "groups": {"conv1 |corr| within groups": ["Multiline", [r"epoch/conv1_corr_within"]],
                "conv1 |corr| between groups": ["Multiline", [r"epoch/conv1_corr_between"]],
-               "cross-group MB per step": ["Multiline", [r"epoch/cross_group_mb_per_step"]]},
+               "cross-group MB per step": ["Multiline", [r"epoch/cross_group_mb_per_step"]],
+               "response |corr| within groups": ["Multiline", [r"epoch/conv\d_resp_within"]],
+               "response |corr| between groups": ["Multiline", [r"epoch/conv\d_resp_between"]]},
     "speed": {"images/s": ["Multiline", [r"epoch/images_per_s"]], "epoch seconds": ["Multiline", [r"epoch/epoch_s"]]},
     "memory": {"peak MiB per device": ["Multiline", [r"memory/peak_mib/.*"]],
                "peak MiB, largest device": ["Multiline", [r"epoch/peak_mib_max"]]},
@@ -97,6 +99,14 @@ class RunLog:
             # (the learned G x G block structure of the first cross-group layer)
             share = input_group_share(weights, groups)
             self.writer.add_image("filters/conv3_input_group_share", heatmap_image(share / share.max()), epoch)
+
+    def responses(self, matrices: dict, epoch: int) -> None:
+        """Per grouped conv layer, the |correlation| of its filters' responses on validation images (group order)."""
+        if not self.writer:
+            return
+        from alexnet.filters import heatmap_image
+        for layer, corr in matrices.items():
+            self.writer.add_image(f"responses/{layer}_correlation", heatmap_image(corr.float()), epoch)
 
     def layout(self) -> None:
         """TensorBoard's Custom Scalars page: one chart per metric, every run in it (runs are named g<G>-s<seed>,

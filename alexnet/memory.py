@@ -105,14 +105,17 @@ class _Walk:
 
 def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, precision: str = "fp32",
             momentum: bool = True, distributed: bool = False, labels: list[str] | None = None,
-            same_device: bool = False, weight_decay: bool = False, fused_sgd: bool = False) -> list[SlotMemory]:
+            same_device: bool = False, weight_decay: bool = False, fused_sgd: bool = False,
+            device_type: str = "cpu") -> list[SlotMemory]:
     """Predicted memory of every slot for one training step of ``batch`` images (the global batch).
 
     ``slots``: K slots per replica (devices of one process, or ranks); ``replicas``: D data replicas
     (torchrun), each slot then holds batch / D rows. ``distributed``: one process per slot, so every
     slot gathers the logits and computes the loss (one process: slot 0 does). ``same_device``: the
     slots share one device, so the image reaches them without a copy. ``weight_decay`` and
-    ``fused_sgd``: the optimizer's update (see the module docstring).
+    ``fused_sgd``: the optimizer's update (see the module docstring). ``device_type``: where the step runs,
+    "cpu" or "cuda", which decides the LRN's backward (``alexnet.lrn``): the CPU's band-matrix one holds
+    two temporaries beside dy and dx, the CUDA one three.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
@@ -162,8 +165,9 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
             if spec.lrn and info.name in LRN_AFTER:
                 lrn = {f"{info.name}.lrn.d": numel * 4, f"{info.name}.lrn.scale": numel * 4}
                 lrn[f"{info.name}.lrn.x32" if precision == "bf16" else relu] = numel * 4
-                # its written-out backward holds, beside dy, dy x d^(-beta-1), its padded copy and two running window sums
-                walk.node(lrn, 0, numel * act, temp=3 * numel * 4)
+                # its written-out backward holds, beside dy and dx: on CUDA dy x d^(-beta-1), its padded copy and a
+                # running window sum; on the CPU dy x d^(-beta-1) and its product with the band matrix
+                walk.node(lrn, 0, numel * act, temp=(3 if device_type == "cuda" else 2) * numel * 4)
                 current, current_bytes = f"{info.name}.lrn", numel * act
             if info.name in POOL_AFTER:
                 h = (info.out_shape[1] - POOL_KERNEL) // POOL_STRIDE + 1

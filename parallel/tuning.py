@@ -93,3 +93,60 @@ def choose_conv_formulations(model: torch.nn.Module, run_forward, cache: dict | 
         layer.formulation = min(ms, key=ms.get)
         records.append({"layer": layer.name, "choice": layer.formulation, "ms": dict(ms), "cached": cached})
     return records
+
+
+def apply_formulations(model: torch.nn.Module, choice) -> None:
+    """Set every GroupConv2d's formulation: one name for all, or ``{layer name: formulation}``."""
+    for m in model.modules():
+        if isinstance(m, GroupConv2d):
+            if isinstance(choice, str):
+                m.formulation = choice
+            elif m.name in choice:
+                m.formulation = choice[m.name]
+
+
+def formulations_of(model: torch.nn.Module) -> dict[str, str]:
+    """``{layer name: formulation}`` of every GroupConv2d whose slots hold several groups (where it matters)."""
+    return {m.name: m.formulation for m in model.modules()
+            if isinstance(m, GroupConv2d) and max(m.slot_conv_groups) > 1}
+
+
+def _memory_format(model: torch.nn.Module, channels_last: bool) -> None:
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def choose_memory_format(model: torch.nn.Module, forward_backward, tune=None, rounds: int = 3) -> dict:
+    """Keep ``model`` in whichever memory format, NCHW or NHWC (channels_last), trains it faster.
+
+    ``forward_backward(channels_last)`` runs one forward and backward on a representative
+    batch in that format; ``tune(channels_last)`` (optional) picks the format's conv
+    formulations and returns them (``{layer: formulation}``). Rounds alternate the formats,
+    so the machine's drift hits both alike, and the median round decides. The model is timed
+    in eval mode (no dropout draw or running statistic moves), its gradients are cleared
+    afterwards and no parameter changes value: only where its weights lie in memory.
+    Returns ``{"choice": channels_last, "ms": {False: ms, True: ms}, "formulations": ...}``.
+    """
+    was_training = model.training
+    model.eval()
+    formats = (False, True)
+    formulations, times = {}, {f: [] for f in formats}
+    try:
+        for f in formats:
+            _memory_format(model, f)
+            formulations[f] = tune(f) if tune is not None else {}
+        for i in range(rounds + 1):  # the first round warms both up and is not counted
+            for f in formats:
+                _memory_format(model, f)
+                apply_formulations(model, formulations[f])
+                start = time.perf_counter()
+                forward_backward(f)
+                if i:
+                    times[f].append(time.perf_counter() - start)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    ms = {f: 1000 * sorted(v)[len(v) // 2] for f, v in times.items()}
+    best = min(ms, key=ms.get)
+    _memory_format(model, best)
+    apply_formulations(model, formulations[best])
+    return {"choice": best, "ms": ms, "formulations": formulations[best]}

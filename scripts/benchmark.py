@@ -43,8 +43,8 @@ from torch import nn
 from alexnet import mfu
 from alexnet.build import placement_from_config, spec_from_config
 from alexnet.config import load
-from alexnet.engine import Trainer, train_step
-from alexnet.fit import build_run, prepare_trainer, sgd_from_config
+from alexnet.engine import Trainer, to_input, train_step
+from alexnet.fit import build_run, code_commit, prepare_trainer, sgd_from_config
 from alexnet.model import GroupAlexNet
 from alexnet.reference import ReferenceAlexNet
 from benchlib import GEOMETRIES
@@ -73,10 +73,11 @@ class Setting:
 
 
 def model_config(geometry: str, G: int, setting: Setting, compile_: bool) -> dict:
-    """train.py's config for timing ours on one fixed batch (dropout off: the reference has none to match)."""
+    """train.py's config for timing ours on one fixed batch (dropout off: the reference has none to match).
+    The layout is train.py's default (auto) unless --channels-last asks NHWC for every model."""
     return load(GEOMETRIES[geometry].format(G=G), [
         "model.dropout=0.0", f"train.precision={setting.precision}",
-        f"train.channels_last={str(setting.channels_last).lower()}", f"train.compile={str(compile_).lower()}",
+        f"train.channels_last={'true' if setting.channels_last else 'auto'}", f"train.compile={str(compile_).lower()}",
         f"train.compile_mode={setting.compile_mode}", "train.conv_formulation=auto", "parallel.placement=local",
         f"parallel.devices=[{setting.device}]"])
 
@@ -88,12 +89,14 @@ def train_py_trainer(cfg: dict, batch: int) -> tuple:
     return spec, prepare_trainer(cfg, model, optimizer, placement, runtime, shape, say=lambda *a, **k: None)
 
 
-def plain_trainer(model: nn.Module, cfg: dict, setting: Setting, placement=None) -> Trainer:
-    """A model train.py does not build (plain torch, torchvision) with train.py's optimizer and step."""
+def plain_trainer(model: nn.Module, cfg: dict, setting: Setting, placement=None, channels_last=None) -> Trainer:
+    """A model train.py does not build (plain torch, torchvision) with train.py's optimizer and step;
+    ``channels_last`` overrides the setting's layout (ours/tLRN follows ours' choice)."""
     placement = placement or LocalPlacement(1, [str(setting.device)])
-    model = setting.prepare(model)
+    channels_last = setting.channels_last if channels_last is None else channels_last
+    model = setting.prepare(model).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return Trainer(model, sgd_from_config(cfg, model.parameters(), placement), placement, LocalRuntime(),
-                   setting.precision, setting.channels_last)
+                   setting.precision, channels_last)
 
 
 def make_trainers(geometry: str, G: int, setting: Setting, batch: int, compile_too: bool) -> tuple[dict, list]:
@@ -103,7 +106,7 @@ def make_trainers(geometry: str, G: int, setting: Setting, batch: int, compile_t
     for layer, chosen in zip(tlrn.modules(), ours.model.modules()):  # the same conv choices, torch's LRN
         if hasattr(layer, "formulation"):
             layer.formulation = chosen.formulation
-    trainers = {"ours": ours, "ours/tLRN": plain_trainer(tlrn, cfg, setting, tlrn.placement),
+    trainers = {"ours": ours, "ours/tLRN": plain_trainer(tlrn, cfg, setting, tlrn.placement, ours.channels_last),
                 "reference": plain_trainer(ReferenceAlexNet(spec), cfg, setting)}
     if spec.input_size >= 63 and spec.in_channels == 3:
         from torchvision.models import alexnet
@@ -114,8 +117,31 @@ def make_trainers(geometry: str, G: int, setting: Setting, batch: int, compile_t
         reference.model = torch.compile(reference.model, mode=setting.compile_mode)
         trainers["reference+compile"] = reference
     choices = [{"layer": m.name, "choice": m.formulation} for m in ours.model.modules()
-               if hasattr(m, "formulation") and max(m.slot_conv_groups) > 1] if setting.device.type == "cuda" else []
+               if hasattr(m, "formulation") and max(m.slot_conv_groups) > 1]
     return spec, trainers, choices
+
+
+def cpu_name() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), for the record beside its figures."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def gemm_tflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """This device's attainable fp32 TFLOP/s, measured: the best of ``repeats`` n x n x n matrix products
+    (2 n^3 FLOP each). The yardstick for a CPU's MFU, where no datasheet peak applies."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e12
 
 
 def sync(device):
@@ -124,8 +150,9 @@ def sync(device):
 
 
 def time_steps(trainer: Trainer, x, y, steps: int) -> float:
-    """Seconds per training step: train.py's own (``alexnet.engine.train_step``)."""
+    """Seconds per training step: train.py's own (``alexnet.engine.train_step``), on the batch in the trainer's layout."""
     device = trainer.placement.output_device
+    x = to_input(x, trainer.placement.input_device, trainer.channels_last)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -191,11 +218,13 @@ def bench(geometry: str, G: int, setting: Setting, batch: int, steps: int, round
         out[name] = {"images_per_s": batch / sec, "step_ms": 1000 * sec, "tflops": speed.get("tflops"),
                      "mfu": speed.get("mfu"), "peak_mib": peak_memory(m, x, y, setting)}
     tables = profile_side_by_side(models, x, y, setting) if profile else None
+    gemm = gemm_tflops(setting.device) if setting.device.type == "cpu" else None
     ref = out["reference"]["images_per_s"]
     for r in out.values():
         r["ratio_to_reference"] = r["images_per_s"] / ref
     return {"geometry": geometry, "groups": G, "batch": batch, "device": str(setting.device), "macs": spec.macs(),
             "precision": setting.precision, "channels_last": setting.channels_last,
+            "ours_channels_last": models["ours"].channels_last, "gemm_tflops": gemm,
             "compile_mode": setting.compile_mode if compile_too else None,
             "conv_formulations": {c["layer"]: c["choice"] for c in choices}, "models": out, "profile": tables}
 
@@ -219,6 +248,12 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['geometry']:<14}{r['groups']:>2}{r['batch']:>6}" + "".join(cells))
     print("images/s (ratio to the eager reference at the same G); peak GPU memory where on CUDA")
     for r in results:
+        print(f"  G={r['groups']} {r['geometry']}: ours trains in {'NHWC' if r['ours_channels_last'] else 'NCHW'}")
+        if r.get("gemm_tflops"):
+            print(f"  G={r['groups']} {r['geometry']}: ours {r['models']['ours']['tflops']:.3g} TFLOP/s = "
+                  f"{100 * r['models']['ours']['tflops'] / r['gemm_tflops']:.1f}% of this CPU's fp32 GEMM "
+                  f"({r['gemm_tflops']:.3g} TFLOP/s, measured in this run)")
+            continue
         if "ours+compile" in r["models"]:
             m = r["models"]
             print(f"  G={r['groups']} {r['geometry']}: ours+compile / reference+compile = "
@@ -373,7 +408,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--channels-last", action="store_true", help="NHWC activations and weights for every model")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC activations and weights for every model (default: ours as train.py chooses, "
+                        "train.channels_last=auto; the others NCHW on CPU)")
     p.add_argument("--compile", action="store_true", help="also time ours and the reference under torch.compile")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile mode")
@@ -416,6 +453,11 @@ def run_model_only(args, setting: Setting, geometries: list[str]) -> list[dict]:
             results.append(r)
             print(f"  {geometry} G={G}: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s"
                                                       for k, v in r["models"].items()), flush=True)
+    if results and setting.device.type == "cpu":
+        # a peak: the best GEMM of the run (each G measured one, between its rounds), the same yardstick for all
+        peak = max(r["gemm_tflops"] for r in results)
+        for r in results:
+            r["gemm_tflops"] = peak
     if results:
         print_table(results)
     return results
@@ -468,7 +510,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    setting = Setting(device, args.precision, args.channels_last and cuda, args.compile_mode)
+    setting = Setting(device, args.precision, args.channels_last, args.compile_mode)
     geometries = args.geometry if args.geometry is not None else ([] if args.e2e else list(GEOMETRIES))
     results = run_model_only(args, setting, geometries)
     e2e_rows, loader_rates, jpeg_info = run_e2e(args, setting)
@@ -480,8 +522,10 @@ def main(argv=None) -> int:
                                            "cuda" if cuda else "cpu")
         exchange_benchmark.print_rows(exchanges)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    commit = code_commit()  # before --out is truncated: a tracked file being rewritten would read as +changes
     with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "device_name": torch.cuda.get_device_name(device) if cuda else None,
+        json.dump({"torch": torch.__version__, "commit": commit,
+                   "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "results": results, "e2e": e2e_rows,
                    "loader_only": loader_rates, "jpeg_tree": jpeg_info, "distributed": distributed,
                    "exchanges": exchanges}, f, indent=2)

@@ -3,6 +3,7 @@
   python scripts/compare_groups.py configs/fashion_mnist --seeds 0 1 2
   python scripts/compare_groups.py configs/fashion_mnist --configs g1 g2 g4 g4_shuffle root --seeds 0 1 2
   python scripts/compare_groups.py configs/fashion_mnist --seeds 0 --set train.epochs=2 --runs-dir runs/demo
+  python scripts/compare_groups.py configs/fashion_mnist --design g1=14 g2=14 g3=7 g4=7 --speed   # make study
   python scripts/compare_groups.py configs/fashion_mnist --collect-only     # report from existing runs
   tensorboard --logdir runs/fashion_mnist                                  # every run side by side
 
@@ -34,40 +35,58 @@ from alexnet.spec import SpecError
 from data.errors import DataError
 from parallel.placement import PlacementError
 from alexnet.hparams import write_study_experiment
+import study_speed
 from study_bands import SUMMARY_DIR, write_summary_runs
 from study_report import build_report
 from study_stats import EQUIVALENCE_MARGIN
 
 
+def parse_design(entries: list[str]) -> dict[str, int]:
+    """``["g1=14", "g2=14", "g3=7"]`` -> {config: number of seeds}: config NAME runs seeds 0 .. N-1."""
+    design = {}
+    for entry in entries:
+        name, _, n = entry.partition("=")
+        if not n.isdigit() or int(n) < 1 or not name:
+            raise ConfigError(f"--design takes NAME=SEEDS entries such as g1=14 (seeds 0..13), got {entry!r}")
+        design[name] = int(n)
+    return design
+
+
+def design_pairs(design: dict[str, int]) -> list[tuple[str, int]]:
+    """(config, seed) in seed-major order: seeds 0.. of every config first, so an interrupted study already
+    holds whole seeds of every config."""
+    return [(name, seed) for seed in range(max(design.values())) for name, n in design.items() if seed < n]
+
+
 def plan(config_dir: str, configs: list, seeds: list[int], overrides: list[str],
-         runs_dir: str | None = None) -> list[dict]:
+         runs_dir: str | None = None, pairs: list[tuple[str, int]] | None = None) -> list[dict]:
     """Every (config, seed) run with its resolved config and state: done, resume or new.
 
     ``configs``: file names in ``config_dir`` without .yaml (``g4_shuffle``); a number G means ``g<G>``.
+    ``pairs`` (a design, ``design_pairs``) replaces configs x seeds with its own (config, seed) list.
     """
     if any(o.split("=", 1)[0].strip() in ("run.dir", "run.seed", "model.groups") for o in overrides):
         raise ConfigError("compare_groups sets run.dir, run.seed and model.groups itself; drop them from --set "
                           "(use --runs-dir for another folder)")
     runs = []
-    for name in configs:
-        name = f"g{name}" if isinstance(name, int) else name
+    names = [f"g{name}" if isinstance(name, int) else name for name in configs]
+    for name, seed in pairs or [(name, seed) for name in names for seed in seeds]:
         path = os.path.join(config_dir, f"{name}.yaml")
         if not os.path.isfile(path):
             present = sorted(f[:-5] for f in os.listdir(config_dir) if f.endswith(".yaml") and f != "base.yaml") \
                 if os.path.isdir(config_dir) else []
             raise ConfigError(f"{path} does not exist; configs in {config_dir}: {', '.join(present) or 'none'}")
-        for seed in seeds:
-            extra = [f"run.seed={seed}"] + ([f"run.dir={os.path.join(runs_dir, f'{name}-s{seed}')}"] if runs_dir else [])
-            cfg = load(path, overrides + extra)
-            run_dir = cfg["run"]["dir"]
-            check_same_settings(cfg, run_dir)
-            if os.path.isfile(os.path.join(run_dir, "summary.json")):
-                state = "done"
-            elif os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
-                state = "resume"
-            else:
-                state = "new"
-            runs.append({"name": name, "seed": seed, "cfg": cfg, "dir": run_dir, "state": state})
+        extra = [f"run.seed={seed}"] + ([f"run.dir={os.path.join(runs_dir, f'{name}-s{seed}')}"] if runs_dir else [])
+        cfg = load(path, overrides + extra)
+        run_dir = cfg["run"]["dir"]
+        check_same_settings(cfg, run_dir)
+        if os.path.isfile(os.path.join(run_dir, "summary.json")):
+            state = "done"
+        elif os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
+            state = "resume"
+        else:
+            state = "new"
+        runs.append({"name": name, "seed": seed, "cfg": cfg, "dir": run_dir, "state": state})
     return runs
 
 
@@ -104,6 +123,18 @@ def family_of(runs: list[dict]) -> str:
     return os.path.dirname(os.path.normpath(runs[0]["dir"]))
 
 
+def time_configs(runs: list[dict]) -> None:
+    """The study's efficiency measurement, alone before any training: each config's train.py step, side by side."""
+    configs = {}
+    for r in runs:  # one config per name (the seed plays no part in a step's time)
+        configs.setdefault(r["name"], r["cfg"])
+    print(f"timing train.py's step of {', '.join(configs)} side by side (5 rounds)", flush=True)
+    result = study_speed.measure(configs)
+    study_speed.write(os.path.join(family_of(runs), study_speed.SPEED_FILE), result, 5, 5)
+    for name, r in result.items():
+        print(f"  {name}: {r['images_per_s']:.0f} images/s", flush=True)
+
+
 def run_study(runs: list[dict]) -> None:
     todo = [r for r in runs if r["state"] != "done"]
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to train", flush=True)
@@ -132,6 +163,12 @@ def main(argv=None) -> int:
     p.add_argument("--configs", nargs="+", metavar="NAME",
                    help="config names in the folder instead of --groups, e.g. g1 g2 g4 g4_shuffle root")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--design", nargs="+", metavar="NAME=SEEDS",
+                   help="seeds per config instead of --groups/--configs x --seeds: g1=14 g2=14 g3=7 g4=7 runs "
+                        "seeds 0..13 of g1 and g2 and 0..6 of g3 and g4 (trained seed by seed)")
+    p.add_argument("--speed", action="store_true",
+                   help="before training, time every config's train.py step alone, side by side "
+                        "(scripts/study_speed.py -> <runs dir>/speed.json, read by the report)")
     p.add_argument("--runs-dir", help="folder for this study's runs (default runs/<family>)")
     p.add_argument("--collect-only", action="store_true", help="only build the report from existing runs")
     p.add_argument("--allow-missing", action="store_true",
@@ -141,7 +178,11 @@ def main(argv=None) -> int:
                         "'equal within margin' (default %(default)s)")
     args = p.parse_args(argv)
     try:
-        runs = plan(args.config_dir, args.configs or args.groups, args.seeds, args.overrides, args.runs_dir)
+        design = parse_design(args.design) if args.design else None
+        runs = plan(args.config_dir, args.configs or args.groups, args.seeds, args.overrides, args.runs_dir,
+                    design_pairs(design) if design else None)
+        if args.speed and not args.collect_only:
+            time_configs(runs)
         if not args.collect_only:
             run_study(runs)
     except (ConfigError, SpecError, PlacementError, DataError, CheckpointError) as e:

@@ -22,6 +22,8 @@ import statistics
 
 from alexnet.spec import groups_label
 
+from study_halves import (efficiency_sentences, efficiency_table, read_speed, response_rows, response_statement,
+                          response_table)
 from study_stats import EQUIVALENCE_MARGIN, difference, verdict
 
 RUN_NAME = re.compile(r"^(.+)-s(\d+)$")
@@ -245,7 +247,7 @@ def _ci(r: dict) -> str:
 
 
 def markdown(table: list[dict], family: str, info: dict | None = None, missing: list[str] = (),
-             margin: float = EQUIVALENCE_MARGIN) -> str:
+             margin: float = EQUIVALENCE_MARGIN, runs: dict | None = None, speed: dict | None = None) -> str:
     lines = [f"# Group-count comparison: {family}", "", settings_line({**(info or {}), "margin": f"{margin:g} points"},
                                                                        family), "",
              "| config | G | params | MACs | MACs vs G=1 | final top-1 err % | Δ top-1 vs G=1 (95% CI) | "
@@ -264,7 +266,8 @@ def markdown(table: list[dict], family: str, info: dict | None = None, missing: 
     lines += ["", "Mean ± sample standard deviation over seeds (n runs); errors in percent on the validation set. "
               "Δ: difference of final top-1 error to G = 1, 95% t-interval (paired by seed when the seeds match). "
               "\"best\" is the lowest error over epochs on the same validation set, so it is optimistic. "
-              "images/s measured on whatever else the machine was doing.", "",
+              "images/s: the runs' own epochs, end to end (data loading and evaluation included); the "
+              "efficiency section's are train.py's step measured alone.", "",
               "Reference, not measured here: Ioannou's AlexNet on ImageNet (ILSVRC-2012 val, one model; "
               "Ioannou et al., Deep Roots, CVPR 2017):", "",
               "| G | top-1 err % | top-5 err % | params | MACs |", "|---|---|---|---|---|"]
@@ -276,6 +279,15 @@ def markdown(table: list[dict], family: str, info: dict | None = None, missing: 
     exchanges = sorted({(r["config"], r["exchanges"]) for r in table if r["exchanges"] != exchanges_default()})
     if exchanges:
         lines += ["Exchanges other than the paper's: " + "; ".join(f"{c}: {e}" for c, e in exchanges) + ".", ""]
+    sentences = efficiency_sentences(table, speed)
+    if sentences:
+        lines += ["## Efficiency: time, not only MACs", ""] + efficiency_table(table, runs or {}, speed) + [""]
+        for sentence in sentences:
+            lines += [sentence, ""]
+    responses = response_rows(runs or {})
+    if responses:
+        lines += ["## Filter responses within and between groups", ""] + response_table(responses) + [""]
+        lines += [response_statement(responses), ""]
     corr = correlation_statement(table)
     if corr:
         lines += [corr, ""]
@@ -364,7 +376,7 @@ def build_report(family_dir: str, missing: list[str] = (), margin: float = EQUIV
     table = rows(runs)
     family = os.path.basename(os.path.normpath(family_dir))
     info = settings(runs)
-    text = markdown(table, family, info, missing, margin)
+    text = markdown(table, family, info, missing, margin, runs, read_speed(family_dir))
     with open(os.path.join(family_dir, "comparison.md"), "w") as f:
         f.write(text)
     write_csv(table, run_rows(runs), os.path.join(family_dir, "comparison.csv"))

@@ -37,13 +37,17 @@ def t975(df: float) -> float:
 def difference(base: dict[int, float], other: dict[int, float]) -> dict:
     """mean(other) - mean(base) with a 95% interval; inputs map seed -> value.
 
+    Paired over the seeds both ran when they share at least two (a design may run more seeds of
+    G = 1 and 2 than of the others; the difference and its interval then use the shared seeds
+    only, as a pair needs both), otherwise Welch's interval over all runs.
     Returns {"diff", "low", "high", "method", "n"}; low/high are NaN when there are too few
     runs for an interval (fewer than 2 pairs, or fewer than 2 runs on a side).
     """
     diff = statistics.fmean(other.values()) - statistics.fmean(base.values())
     shared = sorted(set(base) & set(other))
-    if shared and len(shared) == len(base) == len(other):
+    if len(shared) >= 2 or (shared and len(shared) == len(base) == len(other)):
         d = [other[s] - base[s] for s in shared]
+        diff = statistics.fmean(d)
         n = len(d)
         if n < 2:
             return {"diff": diff, "low": math.nan, "high": math.nan, "method": "paired", "n": n}
@@ -84,3 +88,11 @@ def verdict(d: dict, what: str = "G = 2", than: str = "G = 1", unit: str = "poin
                 f"and reaches beyond +-{margin:g} {unit}")
     direction = "lower" if d["diff"] < 0 else "higher"
     return f"{what} is {abs(d['diff']):.2f} {unit} {direction} than {than} ({interval})"
+
+def seeds_for(paired_sd: float, half_width: float, most: int = 200) -> int:
+    """The fewest paired seeds n whose 95% interval, t_{0.975}(n - 1) * sd / sqrt(n), is at most
+    ``half_width`` when the paired standard deviation is ``paired_sd``: the design's size."""
+    for n in range(2, most + 1):
+        if t975(n - 1) * paired_sd / math.sqrt(n) <= half_width:
+            return n
+    raise ValueError(f"more than {most} seeds would be needed for +-{half_width} at sd {paired_sd}")

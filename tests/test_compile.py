@@ -65,8 +65,8 @@ def test_cuda_speed_settings_run_on_cpu_tensors(monkeypatch):
     x = torch.randn(3, 1, 32, 32)
     expected = model(x)
     said = []
-    runner = accel.prepare(model, cfg, model.placement, (3, 1, 32, 32), say=said.append)
-    assert runner is model and torch.backends.cudnn.benchmark
+    runner, choices = accel.prepare(model, cfg, model.placement, (3, 1, 32, 32), say=said.append)
+    assert runner is model and choices["channels_last"] and torch.backends.cudnn.benchmark
     conv2 = model.conv2
     assert conv2.weights[0].is_contiguous(memory_format=torch.channels_last)
     assert [line.split(":")[0] for line in said] == ["conv2", "conv4", "conv5"]

@@ -106,7 +106,8 @@ def test_compile_mode_reaches_torch_compile(mode, monkeypatch):
     from alexnet.config import load
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
-    cfg = load("configs/smoke.yaml", ["train.compile=true", f"train.compile_mode={mode}"])
+    cfg = load("configs/smoke.yaml", ["train.compile=true", f"train.compile_mode={mode}", "train.channels_last=false",
+                                      "train.conv_formulation=grouped"])
     layer = GroupConv2d(LocalPlacement(2, ["cpu"]), 4, 4, 1, name="c")
     accel.prepare(nn.Sequential(layer), cfg, layer.placement, (1, 4, 2, 2))
     assert seen == {"mode": mode}

@@ -275,3 +275,108 @@ def test_report_statements_on_made_up_runs(tmp_path):
     # g4_shuffle against g4_own (the same MACs): paired d = -1.0, -1.1, -1.35, interval below 0
     assert "g4_shuffle is 1.15 points lower than g4_own (95% CI [-1.60, -0.70], paired, n = 3)" in text
     assert "g4_own is 1.10 points higher than g4 (95% CI [+0.85, +1.35], paired, n = 3)" in text
+
+
+def test_response_correlation_on_made_up_responses():
+    """Channels 0-1 copy one signal, 2-3 another (groups of two): within |corr| 1, between 0."""
+    import torch
+    from alexnet.responses import correlation_matrix, within_between
+    torch.manual_seed(0)
+    a, b = torch.randn(50, 1, 3, 3, dtype=torch.float64), torch.randn(50, 1, 3, 3, dtype=torch.float64)
+    a = a - a.mean()
+    b = b - b.mean()
+    b = b - (a * b).sum() / (a * a).sum() * a  # exactly uncorrelated with a
+    responses = torch.cat([a, 2 * a + 1, b, -3 * b], dim=1)
+    corr = correlation_matrix(responses)
+    within, between = within_between(corr, 2)
+    assert within == pytest.approx(1.0) and between == pytest.approx(0.0, abs=1e-12)
+    # the same channels in other groups: (0, 2) and (1, 3) share nothing, (0, 1) and (2, 3) are split apart
+    within, between = within_between(correlation_matrix(responses[:, [0, 2, 1, 3]]), 2)
+    assert within == pytest.approx(0.0, abs=1e-12) and between == pytest.approx(0.5)
+
+
+def test_response_correlations_hook_every_grouped_layer_in_reference_channel_order():
+    import torch
+    from alexnet.config import load
+    from alexnet.fit import build_run
+    from alexnet.reference import ReferenceAlexNet
+    from alexnet.responses import correlation_matrix, response_correlations
+    from parallel import full_state_dict
+    cfg = load(SMOKE, ["model.groups=2", "model.conv_channels=[8,16,16,16,16]", "model.fc_widths=[16,16]",
+                       "parallel.devices=[cpu,cpu]"])
+    spec, placement, runtime, model, _ = build_run(cfg)
+    reference = ReferenceAlexNet(spec)
+    reference.load_state_dict(full_state_dict(model))
+    reference.eval()
+    images = torch.randn(6, 1, 32, 32)
+    matrices = response_correlations(model, images)
+    assert sorted(matrices) == ["conv2", "conv4", "conv5"] and model.training
+    seen = {}
+    hooks = [getattr(reference, n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o))
+             for n in matrices]
+    with torch.no_grad():
+        reference(images)
+    for h in hooks:
+        h.remove()
+    for name, corr in matrices.items():  # fp32 convolutions: grouped on two slots vs the twin's, rounding apart
+        torch.testing.assert_close(corr, correlation_matrix(seen[name]), rtol=1e-5, atol=1e-5)
+
+
+def test_report_efficiency_and_response_sections_on_made_up_runs(tmp_path):
+    """speed.json's images/s make the sentence; paired response differences make the verdicts; a planted
+    formula (between and within swapped) would flip the sign and is caught by the numbers."""
+    import study_halves
+    fam = tmp_path / "fam"
+    for seed in range(3):
+        fake_run(fam, 1, seed, [(20.0 + 0.1 * seed, 3.0)], 1000)
+        fake_run(fam, 2, seed, [(20.2 + 0.1 * seed + 0.01 * seed ** 2, 3.0)], 600)
+        metrics = fam / f"g2-s{seed}" / "metrics.jsonl"
+        record = json.loads(metrics.read_text())
+        record.update({"conv2_resp_within": 0.30 + 0.01 * seed, "conv2_resp_between": 0.20 + 0.012 * seed,
+                       "conv4_resp_within": 0.25 + 0.02 * seed, "conv4_resp_between": 0.25 - 0.02 * seed,
+                       "epoch_s": 10.0})
+        metrics.write_text(json.dumps(record) + "\n")
+        for G in (1,):
+            m = fam / f"g{G}-s{seed}" / "metrics.jsonl"
+            r = json.loads(m.read_text())
+            r["epoch_s"] = 12.0
+            m.write_text(json.dumps(r) + "\n")
+    json.dump({"commit": "abc1234", "torch": "2.14.1", "threads": 2, "rounds": 5, "steps": 5,
+               "configs": {"g1": {"images_per_s": 2000.0, "step_ms": 64.0, "channels_last": True},
+                           "g2": {"images_per_s": 2600.0, "step_ms": 49.2, "channels_last": True}}},
+              open(fam / "speed.json", "w"))
+    text = build_report(str(fam))
+    # g2 - g1: d = 0.2, 0.21, 0.24 -> mean 0.2167
+    assert "g2 (G = 2): 40.0% fewer MACs, 1.30 x the images/s of G = 1, +0.22 points of top-1 error" in text
+    assert "| g2 | 0.600 | 2600 | 1.30 | 49.2 | NHWC | 10.0 |" in text
+    rows = {r["layer"]: r for r in study_halves.response_rows(study_halves_runs(fam))}
+    # conv2: between - within = -0.10, -0.098, -0.096: lower; conv4: 0, -0.04, -0.08: no difference shown
+    assert rows["conv2"]["diff"]["diff"] == pytest.approx(-0.098)
+    assert rows["conv2"]["diff"]["high"] < 0 and "conv2: between - within = -0.098" in text
+    assert "lower" in study_halves.response_verdict(rows["conv2"])
+    assert study_halves.response_verdict(rows["conv4"]).endswith("no difference shown")
+    assert "less correlated at 1 of 2 grouped layers, more at 0, no difference shown at 1" in text
+
+
+def study_halves_runs(fam):
+    from study_report import collect
+    return collect(str(fam))
+
+
+def test_design_sizes_and_seed_major_order():
+    from study_stats import seeds_for, t975
+    n = seeds_for(0.41, 0.25)
+    assert t975(n - 1) * 0.41 / math.sqrt(n) <= 0.25 < t975(n - 2) * 0.41 / math.sqrt(n - 1)
+    assert n == 13
+    design = compare_groups.parse_design(["g1=3", "g3=1"])
+    assert compare_groups.design_pairs(design) == [("g1", 0), ("g3", 0), ("g1", 1), ("g1", 2)]
+    with pytest.raises(compare_groups.ConfigError, match="NAME=SEEDS"):
+        compare_groups.parse_design(["g1:3"])
+
+
+def test_pairing_uses_the_seeds_both_configs_ran():
+    from study_stats import difference
+    base = {0: 10.0, 1: 11.0, 2: 12.0, 3: 13.0, 4: 9.0}
+    other = {0: 11.0, 1: 12.5, 2: 13.0}  # d = 1.0, 1.5, 1.0 on seeds 0-2 only
+    d = difference(base, other)
+    assert d["method"] == "paired" and d["n"] == 3 and d["diff"] == pytest.approx(7 / 6)

@@ -53,6 +53,7 @@ def write(path: str, configs: dict, rounds: int, steps: int) -> dict:
                       "alternating over rounds, median round", "commit": code_commit(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "rounds": rounds, "steps": steps,
               "configs": configs}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_json_atomic(record, path)
     return record
 

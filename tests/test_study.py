@@ -80,8 +80,11 @@ def test_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
     runs = compare_groups.plan(str(fam), [1, 2], [0], [])
     assert [r["state"] for r in runs] == ["done", "resume"]
     finished_before = os.path.getmtime(tmp_path / "runs" / "tinyfam" / "g1-s0" / "summary.json")
-    assert compare_groups.main([str(fam), "--seeds", "0", "--groups", "1", "2"]) == 0
+    assert compare_groups.main([str(fam), "--seeds", "0", "--groups", "1", "2", "--speed"]) == 0
     assert os.path.getmtime(tmp_path / "runs" / "tinyfam" / "g1-s0" / "summary.json") == finished_before
+    speed = json.load(open(tmp_path / "runs" / "tinyfam" / "speed.json"))  # train.py's step, timed before training
+    assert set(speed["configs"]) == {"g1", "g2"} and all(c["images_per_s"] > 0 for c in speed["configs"].values())
+    assert "## Efficiency: time, not only MACs" in open(tmp_path / "runs" / "tinyfam" / "comparison.md").read()
     lines = [json.loads(x) for x in open(tmp_path / "runs" / "tinyfam" / "g2-s0" / "metrics.jsonl")]
     assert [m["epoch"] for m in lines] == [1, 2]
     assert (tmp_path / "runs" / "tinyfam" / "comparison.csv").exists()
@@ -380,3 +383,14 @@ def test_pairing_uses_the_seeds_both_configs_ran():
     other = {0: 11.0, 1: 12.5, 2: 13.0}  # d = 1.0, 1.5, 1.0 on seeds 0-2 only
     d = difference(base, other)
     assert d["method"] == "paired" and d["n"] == 3 and d["diff"] == pytest.approx(7 / 6)
+
+
+def test_a_design_trains_two_runs_at_a_time_and_reports_them(tmp_path, monkeypatch):
+    fam = write_family(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert compare_groups.main([str(fam), "--design", "g1=2", "g2=1", "--jobs", "2"]) == 0
+    done = sorted(p.name for p in (tmp_path / "runs" / "tinyfam").iterdir() if (p / "summary.json").exists())
+    assert done == ["g1-s0", "g1-s1", "g2-s0"]
+    report = (tmp_path / "runs" / "tinyfam" / "comparison.md").read_text()
+    assert "| g1 |" in report and "| g2 |" in report
+    assert compare_groups.main([str(fam), "--design", "g1=2", "--jobs", "0"]) == 2

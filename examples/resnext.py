@@ -126,6 +126,26 @@ def placement_for(groups: int, devices: list[str]):
     return LocalPlacement(groups, devices), LocalRuntime()
 
 
+def fastest_layout(model: nn.Module, placement, runtime, batch: int) -> bool:
+    """On the CPU in one process, what train.py does (alexnet.accel): glibc keeps freed memory, and NCHW is
+    timed against NHWC (forward + backward, eval mode, no value changes), the faster kept. Elsewhere NCHW."""
+    if placement.input_device.type != "cpu" or not isinstance(runtime, LocalRuntime):
+        return False
+    from alexnet.accel import keep_freed_memory
+    from parallel.tuning import choose_memory_format
+    keep_freed_memory()
+    x = torch.randn(batch, 1, 28, 28)
+
+    def forward_backward(channels_last: bool) -> None:
+        images = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        model(images).sum().backward()
+
+    record = choose_memory_format(model, forward_backward)
+    print(f"layout: {'NHWC' if record['choice'] else 'NCHW'} "
+          f"({', '.join(f'{k} {v:.1f} ms' for k, v in zip(('NCHW', 'NHWC'), record['ms'].values()))})", flush=True)
+    return record["choice"]
+
+
 def main(argv=None, network=None, name: str = "resnext") -> int:
     """Train ``network(placement, in_channels=1)`` (default GroupResNeXt) on Fashion-MNIST; the
     training loop is alexnet.engine's, the runtime's gradient sync and all."""
@@ -160,7 +180,8 @@ def main(argv=None, network=None, name: str = "resnext") -> int:
         return 2
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     schedule = LRSchedule("cosine", args.lr, args.epochs, len(train))
-    trainer = Trainer(model, optimizer, placement, runtime, seed=args.seed)
+    channels_last = fastest_layout(model, placement, runtime, args.batch_size)
+    trainer = Trainer(model, optimizer, placement, runtime, seed=args.seed, channels_last=channels_last)
     log = RunLog(run_dir, runtime.is_main)
     step, start = 0, time.perf_counter()
     for epoch in range(args.epochs):

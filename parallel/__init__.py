@@ -5,7 +5,7 @@ contracts: ``GroupPlacement`` (where groups live, how activations move; what the
 use) and ``Runtime`` (replicas and processes; what a training loop uses). Activations
 between layers are ``Sharded`` (per-slot parts plus every group's size).
 """
-__version__ = "0.2.0"  # CHANGELOG.md lists what changed for code written on 0.1
+__version__ = "0.3.0"  # CHANGELOG.md lists what changed for code written on 0.1
 
 from parallel.comm import CommCounter
 from parallel.contracts import GroupPlacement, Runtime
@@ -17,8 +17,10 @@ from parallel.placement import LocalPlacement, PlacementError, split_sizes
 from parallel.runtime import LocalRuntime
 from parallel.sharded import Sharded, add, cat, shard
 from parallel.shuffle import ChannelShuffle
+from parallel.convert import ConversionError, convert  # noqa: E402  (after the layers it maps to)
 
 __all__ = ["CommCounter", "GroupConv2d", "GroupLinear", "GroupBatchNorm2d", "GroupDropout", "PerGroup",
            "ShardedModule", "StateDictError", "gather_output", "full_state_dict", "full_state_slices",
            "load_full_state_dict", "LocalPlacement", "LocalRuntime", "PlacementError", "split_sizes",
-           "GroupPlacement", "Runtime", "Sharded", "shard", "add", "cat", "ChannelShuffle"]
+           "GroupPlacement", "Runtime", "Sharded", "shard", "add", "cat", "ChannelShuffle", "convert",
+           "ConversionError"]

@@ -385,3 +385,27 @@ def grad_sync_curve(rank: int, world: int, store: str, groups: int, mode: str, h
         torch.save({"weights": weights}, f"{out}.weights")
     torch.save({"losses": losses}, f"{out}.{rank}")
     finish()
+
+
+def converted_torchvision(rank: int, world: int, store: str, name: str, size: int, out: str):
+    """A torchvision network converted on this rank's slot of ``world`` gloo ranks (float64): rank 0 saves its
+    output, its input gradient, the gathered parameter gradients and how many conv/linear weights it held."""
+    setup(rank, world, store)
+    import torchvision
+    from parallel import full_state_dict
+    from parallel.convert import convert
+    from parallel.distributed import init_from_env
+    placement, _ = init_from_env(world, "gloo")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).double().eval()
+    converted = convert(model, placement).eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(True)
+    y = converted(x)
+    y.square().sum().backward()
+    grads = full_state_dict(converted, lambda p: p.grad)
+    held = sum(p.numel() for n, p in converted.named_parameters() if p.dim() > 1)
+    if rank == 0:
+        torch.save({"y": y.detach(), "x_grad": x.grad, "grads": grads, "held": held,
+                    "state": model.state_dict()}, out)
+    finish()

@@ -74,7 +74,7 @@ def test_torchvision_state_dict_loads_both_ways():
     assert set(back) == set(tv.state_dict()) and all(torch.equal(back[k], v) for k, v in tv.state_dict().items())
 
 
-@pytest.mark.parametrize("script", ["resnext.py", "shufflenet.py"])
+@pytest.mark.parametrize("script", ["resnext.py", "shufflenet.py", "convert.py"])
 def test_example_trains_and_writes_the_run_files(tmp_path, script):
     from test_data import tiny_fashion
     data = tmp_path / "fm"

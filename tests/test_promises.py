@@ -219,7 +219,7 @@ def test_renamed_input_mode_still_works_with_a_warning():
 
 def test_version_and_changelog(root):
     import parallel
-    assert parallel.__version__ == "0.2.0"
+    assert parallel.__version__ == "0.3.0"
     with open(os.path.join(root, "pyproject.toml")) as f:
         assert f'version = "{parallel.__version__}"' in f.read()
     with open(os.path.join(root, "CHANGELOG.md")) as f:

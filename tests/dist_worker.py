@@ -403,6 +403,8 @@ def converted_torchvision(rank: int, world: int, store: str, name: str, size: in
     x.requires_grad_(True)
     y = converted(x)
     y.square().sum().backward()
+    # the image is replicated: each rank's x.grad is its output channels' share; the input's gradient is their sum
+    torch.distributed.all_reduce(x.grad)
     grads = full_state_dict(converted, lambda p: p.grad)
     held = sum(p.numel() for n, p in converted.named_parameters() if p.dim() > 1)
     if rank == 0:

@@ -54,8 +54,12 @@ def test_converted_torchvision_equals_the_original_forward_and_backward(name, si
         y2.square().sum().backward()
         assert relative_error(x2.grad, x.grad) <= 1e-10, mode
         grads = full_state_dict(converted, lambda p: p.grad)
+        # a conv bias before train-mode batch norm has gradient 0 in exact arithmetic (the norm removes the
+        # mean): both sides hold rounding noise there, so errors are also measured against the largest gradient
+        scale = max(p.grad.abs().max().item() for p in model.parameters())
         for key, p in model.named_parameters():
-            assert relative_error(grads[key], p.grad) <= 1e-10, (mode, key)
+            err = (grads[key] - p.grad).abs().max().item()
+            assert err <= 1e-10 * max(p.grad.abs().max().item(), 1e-3 * scale), (mode, key, err)
         model.zero_grad()
         converted.zero_grad()
     if slots == 2:  # each slot holds at most half of every conv and linear weight (nothing is replicated but 1-D)
@@ -83,7 +87,9 @@ def test_converted_under_gloo_ranks_equals_the_original_and_holds_1_over_k(tmp_p
     assert relative_error(got["x_grad"], x.grad) <= 1e-10
     for key, p in model.named_parameters():
         assert relative_error(got["grads"][key], p.grad) <= 1e-10, key
-    assert got["held"] <= weights_held(model) / world + 1
+    # 1/K of every weight's output rows, rounded up where they do not divide (10 classes over 4 ranks: 3, 3, 2, 2)
+    share = sum(-(-p.shape[0] // world) * p[0].numel() for p in model.parameters() if p.dim() > 1)
+    assert got["held"] <= share
 
 
 class Concatenates(nn.Module):

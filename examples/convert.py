@@ -69,8 +69,9 @@ def main(argv=None) -> int:
     p.add_argument("--network", default="resnet18", help="a torchvision classifier: resnet18, alexnet, vgg11_bn, ...")
     p.add_argument("--groups", type=int, default=2)
     p.add_argument("--devices", nargs="+", default=["auto"])
+    p.add_argument("--limit", type=int, default=0, help="only the first N images of each split (0: all)")
     known, rest = p.parse_known_args(argv)
-    forwarded = rest + ["--groups", str(known.groups), "--devices", *known.devices]
+    forwarded = rest + ["--groups", str(known.groups), "--limit", str(known.limit), "--devices", *known.devices]
     code = resnext.main(forwarded, network=converted(known.network), name=f"convert-{known.network}")
     if code == 0:
         measure(known.network, known.groups, known.devices, 128)

@@ -66,20 +66,24 @@ def filter_correlation(state: dict, groups: int, layer: str = "conv2") -> torch.
     f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (f @ f.T).abs()
 
+def within_between(corr: torch.Tensor, groups: int) -> tuple[float, float]:
+    """(mean of ``corr`` over distinct pairs in one group, mean over pairs in different groups) of a C x C
+    matrix whose C rows form ``groups`` contiguous groups; the second is NaN with one group (no such pairs)."""
+    n = corr.shape[0]
+    group_of = torch.arange(n) // (n // groups)
+    same = group_of[:, None] == group_of[None, :]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool)
+    between = corr[~same]
+    return corr[same & off_diagonal].mean().item(), (between.mean().item() if between.numel() else float("nan"))
+
+
 def within_between_correlation(state: dict, groups: int) -> tuple[float, float]:
     """Mean |Pearson correlation| of conv1 filter pairs in the same group, and in different groups.
 
     Pairs of a filter with itself are left out; with G = 1 there are no between-group
     pairs and the second value is NaN.
     """
-    corr = filter_correlation(state, groups, "conv1")
-    n = corr.shape[0]
-    group_of = torch.arange(n) // (n // groups)
-    same = group_of[:, None] == group_of[None, :]
-    off_diagonal = ~torch.eye(n, dtype=torch.bool)
-    within = corr[same & off_diagonal]
-    between = corr[~same]
-    return within.mean().item(), (between.mean().item() if between.numel() else float("nan"))
+    return within_between(filter_correlation(state, groups, "conv1"), groups)
 
 
 def input_group_share(state: dict, groups: int, layer: str = "conv3") -> torch.Tensor:

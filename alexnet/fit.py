@@ -16,8 +16,8 @@ from alexnet import rundir
 from alexnet.build import data_from_config, placement_from_config, spec_from_config
 from alexnet.config import ConfigError, dump
 from alexnet.engine import EpochHooks, Trainer, TrainingDiverged, evaluate, to_input, train_one_epoch
-from alexnet.filters import within_between_correlation
-from alexnet.responses import all_slots_local, grouped_layers, response_correlations, within_between
+from alexnet.filters import within_between, within_between_correlation
+from alexnet.responses import all_slots_local, grouped_layers, response_correlations
 from alexnet.graphs import GraphRecordings, describe_recordings
 from alexnet.init import init_reference_state
 from alexnet.logs import RunLog

@@ -9,7 +9,7 @@ conv2, conv4, conv5 under the paper's exchange):
     Y_c      output channel c of the layer (before its ReLU) on a fixed set of validation
              images: one vector over every image and spatial position
     R[i, j]  |Pearson correlation| of Y_i and Y_j                      (C x C)
-    within   mean of R[i, j] over pairs i != j in the same group
+    within   mean of R[i, j] over pairs i != j in the same group   (``alexnet.filters.within_between``)
     between  mean of R[i, j] over pairs in different groups
 
 The claim holds at a layer when between < within; the study pairs the two per seed and
@@ -36,15 +36,6 @@ def correlation_matrix(responses: torch.Tensor) -> torch.Tensor:
     f = f - f.mean(1, keepdim=True)
     f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (f @ f.T).abs()
-
-
-def within_between(corr: torch.Tensor, groups: int) -> tuple[float, float]:
-    """(mean |corr| of distinct pairs in one group, mean |corr| of pairs in different groups)."""
-    n = corr.shape[0]
-    group_of = torch.arange(n) // (n // groups)
-    same = group_of[:, None] == group_of[None, :]
-    off_diagonal = ~torch.eye(n, dtype=torch.bool)
-    return corr[same & off_diagonal].mean().item(), corr[~same].mean().item()
 
 
 @torch.no_grad()

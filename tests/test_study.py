@@ -283,7 +283,8 @@ def test_report_statements_on_made_up_runs(tmp_path):
 def test_response_correlation_on_made_up_responses():
     """Channels 0-1 copy one signal, 2-3 another (groups of two): within |corr| 1, between 0."""
     import torch
-    from alexnet.responses import correlation_matrix, within_between
+    from alexnet.filters import within_between
+    from alexnet.responses import correlation_matrix
     torch.manual_seed(0)
     a, b = torch.randn(50, 1, 3, 3, dtype=torch.float64), torch.randn(50, 1, 3, 3, dtype=torch.float64)
     a = a - a.mean()

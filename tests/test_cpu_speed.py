@@ -154,3 +154,21 @@ def test_cpu_ranks_under_torchrun_keep_nchw_and_grouped_untimed():
     _, choices = accel.prepare(model, cfg, placement, (4, 1, 32, 32), say=said.append, runtime=SomeRank())
     assert choices == {"channels_last": False, "formulations": {"conv2": "grouped", "conv4": "grouped",
                                                                 "conv5": "grouped"}} and not said
+
+
+def test_speed_ceiling_splits_the_step_into_convolutions_and_the_rest(capsys):
+    """scripts/speed_ceiling.py: one row per G whose parts add up, and a verdict per (G, target)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import speed_ceiling
+    assert speed_ceiling.main(["--groups", "1", "2", "--batch", "4", "--rounds", "1", "--steps", "1",
+                               "--targets", "1.25"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert len(rows) == 2
+    for row in rows:
+        step, convs, rest = map(float, row[1:4])
+        assert abs(step - convs - rest) < 0.11 and convs > 0  # printed to 0.1 ms
+        assert abs(sum(map(float, row[4:9])) - convs) < 0.3  # five convolutions
+    assert "G=2 at 1.25x G=1:" in out

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from alexnet import accel, memwatch, mfu
 from alexnet import checkpoint as ckpt_io
 from alexnet.checkpoint import Position
-from alexnet import rundir
+from alexnet import rundir, scope
 from alexnet.build import data_from_config, placement_from_config, spec_from_config
 from alexnet.config import ConfigError, dump
 from alexnet.engine import EpochHooks, Trainer, TrainingDiverged, evaluate, to_input, train_one_epoch
@@ -108,6 +108,7 @@ def fit(cfg: dict, resume: str | None = None, stop_after_epoch: int | None = Non
     a run is only continued with ``resume``, and never by two processes at once.
     """
     where = placement_from_config(cfg)
+    scope.check(cfg, scope.scope_of(where))
     runtime = where.runtime
     say = print if runtime.is_main and not quiet else (lambda *a, **k: None)
     resume_path = resolve_resume(resume, cfg["run"]["dir"], say)

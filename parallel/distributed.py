@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -220,18 +221,29 @@ def join_spawned_world(rank: int, world: int, store_path: str, backend: str = "a
                             timeout=timedelta(seconds=timeout_s))
 
 
+#: seconds ``tear_down`` holds no GIL after destroying the groups (the abort below needs a window of a few ms)
+FINISH_S = 0.1
+
+
 def tear_down() -> None:
     """Destroy this process's process groups (every one ``init_from_env`` made), while the interpreter is whole.
 
     Registered with ``atexit`` by ``init_from_env`` and ``init_hybrid_from_env``, so a script that
-    never tears down still does, on a normal exit and after an uncaught exception. Why it
-    matters: gloo's worker threads hold finished work objects whose tensors still refer to
-    Python objects; left for the interpreter's own finalisation, freeing them takes the GIL
-    of an interpreter that is going away, and the process aborts ("terminate called without
-    an active exception", SIGABRT), which torchrun reports as a failed job (pytorch/pytorch
-    PR 179291 describes it). On a normal exit every rank first meets at a barrier, so no rank
-    destroys its groups while a peer's last collective still needs it; after an exception
-    it does not wait for peers that may never come. Harmless when already torn down."""
+    never tears down still does, on a normal exit and after an uncaught exception. On a normal
+    exit every rank first meets at a barrier, so no rank destroys its groups while a peer's last
+    collective still needs it; after an exception it does not wait for peers that may never
+    come. Harmless when already torn down.
+
+    Then it sleeps ``FINISH_S`` without the GIL, which is what prevents the abort at exit
+    ("terminate called without an active exception", SIGABRT, which torchrun reports as a
+    failed job). Its cause, from gdb on an aborting rank: a gloo worker thread
+    (``pt_gloo_runloop``) destroys a finished collective (``~AsyncAllgatherWork``) after the
+    caller has moved on; dropping the work's tensors decrefs their Python objects, which
+    needs the GIL; the main thread holds the GIL through the script's last lines and the
+    exit path, and once finalisation has begun a thread that asks for the GIL is ended by
+    ``pthread_exit``, whose unwinding through a noexcept C++ frame calls std::terminate. The
+    sleep hands the GIL to any such thread while Python is still whole. Destroying the groups
+    does not join gloo's threads: the placement and the mesh still hold the process groups."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     failed = getattr(sys, "last_value", None) is not None  # set by an uncaught exception before atexit runs
@@ -239,6 +251,8 @@ def tear_down() -> None:
         if not failed:
             dist.barrier()
         dist.destroy_process_group()
+        # Python still whole: let gloo's worker threads drop their last tensor references now (see above)
+        time.sleep(FINISH_S)
     except Exception as e:  # noqa: BLE001  (a peer that died first: nothing left to tear down cleanly)
         print(f"warning: parallel.distributed could not destroy the process group at exit "
               f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)

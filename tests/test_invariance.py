@@ -127,7 +127,9 @@ def test_image_folder_augmentation_is_the_same_for_every_replica_and_worker(jpeg
 
 CURVE_SETTINGS = ["model.conv_channels=[12,24,36,36,24]", "model.fc_widths=[48,48]", "data.batch_size=32",
                   "data.crop_padding=2", "train.log_every=1", "train.epochs=1", "optim.schedule=step",
-                  "optim.step_size=100", "parallel.backend=gloo", "train.filter_images_every=0"]
+                  "optim.step_size=100", "train.filter_images_every=0"]
+#: torchrun only (in one process train.py refuses a backend: there is no process group to give it)
+TORCHRUN_SETTINGS = ["parallel.backend=gloo"]
 STEPS_PER_EPOCH = 8
 
 
@@ -142,7 +144,7 @@ def fashion_env(tmp_path_factory):
 def train_cmd(run_dir, extra=(), launcher=()):
     cmd = [*launcher, os.path.join(ROOT, "train.py"), "--config", "configs/fashion_mnist/g2.yaml",
            "--set", f"run.dir={run_dir}"]
-    for item in CURVE_SETTINGS + list(extra):
+    for item in CURVE_SETTINGS + (TORCHRUN_SETTINGS if launcher else []) + list(extra):
         cmd += ["--set", item]
     return cmd
 

@@ -21,31 +21,34 @@ def run_user_script():
 
 
 def test_a_user_script_that_never_tears_down_is_exact_quiet_and_torn_down():
-    """The script computes exactly and prints no deprecation warning of ours; its process groups are destroyed
-    at exit (``tear_down``: no "could not destroy"). What this does not fix: in about 1 of 10 launches on a busy
-    2-core machine gloo still aborts rank 0 during the interpreter's finalisation, after destroy_process_group
-    has returned ("terminate called without an active exception"); that abort is the only failure accepted."""
+    """The script computes exactly, prints no deprecation warning of ours, its process groups are destroyed
+    at exit (``tear_down``: no "could not destroy") and torchrun sees it succeed. The abort this guards
+    against came in about 1 launch of 20 (4 of 80 here before ``FINISH_S``, 0 of 80 after), so one launch
+    rarely shows its return; the next test pins the mechanism."""
     done = run_user_script()
     out = done.stdout + done.stderr
     assert "rank 0: exact" in out and "rank 1: exact" in out, out[-3000:]
     assert "could not destroy" not in out
-    assert done.returncode == 0 or "terminate called without an active exception" in out, out[-3000:]
+    assert done.returncode == 0, out[-3000:]
     assert not OWN_WARNING.search(out), [line for line in out.splitlines() if OWN_WARNING.search(line)]
 
 
-def test_tear_down_waits_for_peers_only_after_a_clean_exit(monkeypatch):
+def test_tear_down_waits_for_peers_only_after_a_clean_exit_then_yields_the_gil(monkeypatch):
+    """Barrier (clean exit only), destroy, then a sleep without the GIL so that gloo's worker threads can
+    free their finished work while Python is whole (without it: "terminate called ..." at exit)."""
     from parallel import distributed
     calls = []
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(distributed.time, "sleep", lambda s: calls.append(("sleep", s)))
     monkeypatch.delattr(sys, "last_value", raising=False)
     distributed.tear_down()
-    assert calls == ["barrier", "destroy"]
+    assert calls[:2] == ["barrier", "destroy"] and calls[2][0] == "sleep" and calls[2][1] >= 0.05, calls
     calls.clear()
     monkeypatch.setattr(sys, "last_value", RuntimeError("a step failed"), raising=False)
     distributed.tear_down()  # peers may never reach a barrier: destroy without waiting
-    assert calls == ["destroy"]
+    assert calls[0] == "destroy" and calls[1][0] == "sleep"
 
 
 def test_teardown_is_registered_once_however_often_groups_are_made(monkeypatch):

@@ -71,7 +71,8 @@ def test_converted_torchvision_equals_the_original_forward_and_backward(name, si
     assert all(torch.equal(full_state_dict(converted)[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("names,world", [(("alexnet", "vgg11_bn", "resnet18"), 2), (("resnext50_32x4d",), 4)])
+@pytest.mark.parametrize("names,world", [(("alexnet", "vgg11_bn", "resnet18", "resnext50_32x4d"), 2),
+                                         (("resnext50_32x4d",), 4)])
 def test_converted_under_gloo_ranks_equals_the_original_and_holds_1_over_k(tmp_path, names, world):
     out = str(tmp_path / "errors.pt")
     sizes = dict(NETWORKS)

@@ -3,6 +3,7 @@ own ResNet(Bottleneck, groups=G), ShuffleNet v1 units equal a plain-torch twin. 
 twin does; train and eval mode, forward and backward (float64), on 1 and 2 slots and on 2 gloo ranks."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -87,3 +88,21 @@ def test_example_trains_and_writes_the_run_files(tmp_path, script):
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [m["epoch"] for m in lines] == [1, 2] and "val_top1_err" in lines[0]
     assert json.load(open(tmp_path / "run" / "summary.json"))["groups"] == 2
+
+
+def test_convert_example_under_torchrun_trains_and_reports_each_rank(tmp_path):
+    """examples/convert.py's second form: one process per slot, memory printed by every rank, bytes by rank 0."""
+    from test_data import tiny_fashion
+    from test_distributed import standalone_torchrun
+    data = tmp_path / "fm"
+    tiny_fashion(data, n_train=64, n_val=32)
+    env = dict(os.environ, FASHION_MNIST_DIR=str(data), OMP_NUM_THREADS="1")
+    proc = subprocess.run([*standalone_torchrun(2), os.path.join(ROOT, "examples", "convert.py"), "--groups", "2",
+                           "--epochs", "1", "--batch-size", "16", "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert [json.loads(x)["epoch"] for x in open(tmp_path / "run" / "metrics.jsonl")] == [1]
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank}, cpu: peak [\d.]+ MiB of one step", out), out[-3000:]
+    assert "bytes exchanged per step, by layer" in out

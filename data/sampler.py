@@ -94,12 +94,12 @@ class ReplicaBatchSampler:
 
 
 class KeyedBatchSampler:
-    """Deprecated since 0.2 (goes in 0.3): ``ReplicaBatchSampler(..., keyed=True)`` yields the same
+    """Deprecated since 0.2 (goes in 0.4): ``ReplicaBatchSampler(..., keyed=True)`` yields the same
     (sample index, draw seed) pairs itself. This wraps a sampler as 0.1's class did."""
 
     def __init__(self, sampler: ReplicaBatchSampler):
         warnings.warn("KeyedBatchSampler(sampler) is deprecated: build ReplicaBatchSampler(..., keyed=True); "
-                      "KeyedBatchSampler goes in 0.3", DeprecationWarning, stacklevel=2)
+                      "KeyedBatchSampler goes in 0.4", DeprecationWarning, stacklevel=2)
         self.sampler = sampler
 
     def __len__(self) -> int:

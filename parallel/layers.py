@@ -45,10 +45,10 @@ def refuse_device(name: str, device) -> None:
 
 
 def renamed_exchange(exchange: str, input_mode: str | None, name: str) -> str:
-    """``input_mode=`` (0.1) is ``exchange=`` since 0.2: accepted with a DeprecationWarning until 0.3."""
+    """``input_mode=`` (0.1) is ``exchange=`` since 0.2: accepted with a DeprecationWarning; removed in 0.4."""
     if input_mode is None:
         return exchange
-    warnings.warn(f"{name}: input_mode= is renamed exchange= (same values); input_mode= goes in 0.3",
+    warnings.warn(f"{name}: input_mode= is renamed exchange= (same values); input_mode= goes in 0.4",
                   DeprecationWarning, stacklevel=3)
     return input_mode
 

@@ -13,7 +13,7 @@ import dist_worker
 from alexnet.init import init_reference_state
 from alexnet.model import GroupAlexNet
 from alexnet.reference import ReferenceAlexNet
-from conftest import assert_close, tiny_spec
+from conftest import OWN_DEPRECATION, assert_close, tiny_spec
 from parallel import LocalPlacement, full_state_dict, load_full_state_dict
 
 def standalone_torchrun(nproc: int) -> list[str]:
@@ -113,6 +113,8 @@ def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight")
     proc = subprocess.run(torchrun(root, run_dir), capture_output=True, text=True, cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert not OWN_DEPRECATION.search(out), [line for line in out.splitlines() if OWN_DEPRECATION.search(line)]
     return run_dir
 
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import dist_worker
-from conftest import ROOT
+from conftest import OWN_DEPRECATION, ROOT
 from parallel import LocalPlacement
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -106,3 +106,4 @@ def test_convert_example_under_torchrun_trains_and_reports_each_rank(tmp_path):
     for rank in (0, 1):
         assert re.search(rf"rank {rank}, cpu: peak [\d.]+ MiB of one step", out), out[-3000:]
     assert "bytes exchanged per step, by layer" in out
+    assert not OWN_DEPRECATION.search(out), [line for line in out.splitlines() if OWN_DEPRECATION.search(line)]

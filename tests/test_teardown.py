@@ -1,17 +1,15 @@
 """Whoever sets up tears down: a user's script on parallel/ under torchrun is torn down at exit without doing it
 itself; the project's collectives use the installed torch's names (no deprecation noise)."""
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 
+from conftest import OWN_DEPRECATION
 from test_distributed import standalone_torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a warning line that names a file of this project's library or training code
-OWN_WARNING = re.compile(r"(/parallel/|/alexnet/|/data/|train\.py).*(FutureWarning|DeprecationWarning)")
 
 
 def run_user_script():
@@ -30,7 +28,7 @@ def test_a_user_script_that_never_tears_down_is_exact_quiet_and_torn_down():
     assert "rank 0: exact" in out and "rank 1: exact" in out, out[-3000:]
     assert "could not destroy" not in out
     assert done.returncode == 0, out[-3000:]
-    assert not OWN_WARNING.search(out), [line for line in out.splitlines() if OWN_WARNING.search(line)]
+    assert not OWN_DEPRECATION.search(out), [line for line in out.splitlines() if OWN_DEPRECATION.search(line)]
 
 
 def test_tear_down_waits_for_peers_only_after_a_clean_exit_then_yields_the_gil(monkeypatch):

@@ -106,7 +106,7 @@ class _Walk:
 def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, precision: str = "fp32",
             momentum: bool = True, distributed: bool = False, labels: list[str] | None = None,
             same_device: bool = False, weight_decay: bool = False, fused_sgd: bool = False,
-            device_type: str = "cpu") -> list[SlotMemory]:
+            device_type: str = "cpu", hybrid: bool = False) -> list[SlotMemory]:
     """Predicted memory of every slot for one training step of ``batch`` images (the global batch).
 
     ``slots``: K slots per replica (devices of one process, or ranks); ``replicas``: D data replicas
@@ -116,12 +116,22 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
     ``fused_sgd``: the optimizer's update (see the module docstring). ``device_type``: where the step runs,
     "cpu" or "cuda", which decides the LRN's backward (``alexnet.lrn``): the CPU's band-matrix one holds
     two temporaries beside dy and dx, the CUDA one three.
+
+    ``hybrid``: the hybrid placement (``parallel.hybrid``) of ``slots`` = K ranks: every rank holds every
+    conv weight and runs the conv layers on its ceil(B/K) rows (one slot, all groups); the fc layers are
+    split over the K ranks by output features and run on all B rows (their input gathered by rows, then
+    as the distributed placement); the logits go back to the rows' owner; the conv gradients are
+    averaged through the flat all-reduce buffer.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-    if spec.slot_groups % slots:
+    if spec.slot_groups % slots and not hybrid:  # hybrid: the convs keep every group, the fc layers split by K
         raise ValueError(f"{slots} slots do not divide the spec's groups ({spec.label})")
+    if hybrid and (replicas != 1 or not distributed):
+        raise ValueError("hybrid: K ranks are both the data replicas of the convs and the slots of the fc layers; "
+                         "give slots=K, replicas=1, distributed=True")
     n = -(-batch // replicas)  # the largest replica's rows
+    n_conv = -(-batch // slots) if hybrid else n  # the conv layers' rows on this rank
     act = 2 if precision == "bf16" else 4
     infos = spec.layers()
     labels = labels or [f"slot {k}" for k in range(slots)]
@@ -129,8 +139,8 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
     for k in range(slots):
         mem, walk = SlotMemory(labels[k]), _Walk()
         receives_image = k == 0 or distributed
-        image = n * spec.in_channels * spec.input_size ** 2
-        mem.input = image * 4 + n * 8 if receives_image else 0
+        image = n_conv * spec.in_channels * spec.input_size ** 2
+        mem.input = image * 4 + n_conv * 8 if receives_image else 0
         if precision == "bf16":
             saved_image = {"image": image * 2}
         else:  # conv1 saves the image itself, or the copy on this slot's device
@@ -138,13 +148,18 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
         previous = "image"
         previous_out = image * act
         largest = 0  # the slot's largest weight tensor (bytes)
+        conv_weights = 0  # hybrid: the replicated part, averaged over the ranks
         for info in infos:
             G = info.groups
-            rows = slot_sizes(split_sizes(info.out_channels, G), slots)[k]  # as the layers deal groups
+            whole_layer = hybrid and info.kind == "conv"  # every group on this rank, for its rows
+            n = n_conv if whole_layer else -(-batch // replicas)
+            rows = info.out_channels if whole_layer else \
+                slot_sizes(split_sizes(info.out_channels, slots if hybrid else G), slots)[k]  # as the layers deal
             per_out = info.out_shape[1] * info.out_shape[2] if info.kind == "conv" else 1
             in_per_row = info.params // info.out_channels - 1  # weights per output row
             weights = rows * in_per_row * 4 + rows * 4
             mem.parameters += weights
+            conv_weights += weights if whole_layer else 0
             largest = max(largest, rows * in_per_row * 4)
             saved = dict(saved_image) if info.name == "conv1" else {}
             if precision == "bf16":
@@ -179,7 +194,7 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
                 current = f"{info.name}.drop"
             previous, previous_out = current, current_bytes
         if k == 0 or distributed:  # the gathered logits (and their fp32 copy), the loss's log-softmax
-            logits = n * spec.num_classes
+            logits = n_conv * spec.num_classes  # hybrid: the rows' owner gets them back
             walk.node({"logits": logits * act, "logits32": logits * 4 if precision == "bf16" else 0,
                        "log_softmax": logits * 4}, 0, logits * 4)
         mem.exchange = sum(mem.exchange_by_layer.values())
@@ -187,7 +202,8 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
         mem.gradients = mem.parameters
         mem.optimizer = mem.parameters if momentum else 0
         base = mem.parameters + mem.optimizer + mem.input
-        flat = mem.gradients if replicas > 1 else 0  # DistributedRuntime's flat all-reduce buffer
+        # DistributedRuntime's flat all-reduce buffer (hybrid: of the replicated conv gradients only)
+        flat = conv_weights if hybrid else mem.gradients if replicas > 1 else 0
         update = largest if weight_decay and not fused_sgd else 0  # grad + wd * param, one tensor at a time
         mem.peak = max(walk.backward_peak(base), base + mem.gradients + max(flat, update),
                        base + sum(walk.saved.values()))

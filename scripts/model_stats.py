@@ -46,25 +46,28 @@ def table(spec) -> str:
     return "\n".join(lines)
 
 
-#: what ``alexnet.memory.predict`` models: one process with its slots, and one process per slot (x replicas)
-MODELLED_PLACEMENTS = ("local", "distributed", "auto")
+#: what ``alexnet.memory.predict`` models: one process with its slots, one process per slot (x replicas), and
+#: the hybrid (convs data-parallel over the ranks, fc layers split over them)
+MODELLED_PLACEMENTS = ("local", "distributed", "hybrid", "auto")
+#: the placements that run one process per rank (so need the launch's --world)
+TORCHRUN_PLACEMENTS = ("distributed", "hybrid")
 
 
 def slots_of(cfg: dict, spec, world: int | None) -> dict:
-    """The predict() arguments for the config's placement: its devices in one process, or a torchrun world.
-    A placement the prediction does not model (hybrid: every rank holds every conv weight, B/K rows of
-    conv maps and 1/K of the fc layers) is refused, as is a one-process placement with --world or a
+    """The predict() arguments for the config's placement: its devices in one process, or a torchrun world
+    (distributed: K ranks per replica x D replicas; hybrid: K ranks, every one a conv replica and an fc
+    slot). A placement it does not model is refused, as is a one-process placement with --world or a
     torchrun one without it: never another placement's figures."""
     placement = cfg["parallel"]["placement"]
     if placement not in MODELLED_PLACEMENTS:
-        raise ConfigError(f"--memory predicts parallel.placement local and distributed, not {placement} (its ranks "
-                          "hold every conv weight and 1/K of the fc layers); measure it instead: train.py reports "
-                          "each rank's peak memory")
+        raise ConfigError(f"--memory predicts parallel.placement {', '.join(MODELLED_PLACEMENTS)}, not {placement}")
     if world and placement == "local":
         raise ConfigError("--world predicts a torchrun launch, and parallel.placement=local is one process; "
-                          "drop --world, or set parallel.placement=distributed")
-    if placement == "distributed" and not world:
-        raise ConfigError("parallel.placement=distributed is one process per rank: give the launch's --world N")
+                          "drop --world, or set parallel.placement=distributed or hybrid")
+    if placement in TORCHRUN_PLACEMENTS and not world:
+        raise ConfigError(f"parallel.placement={placement} is one process per rank: give the launch's --world N")
+    if placement == "hybrid":
+        return {"slots": world, "distributed": True, "hybrid": True, "labels": [f"rank{r}" for r in range(world)]}
     if world:
         from parallel.distributed import slots_for_world
         k = slots_for_world(world, spec.slot_groups)
@@ -94,7 +97,7 @@ def memory_report(cfg: dict, spec, batch: int, precision: str, world: int | None
     if budget is not None:
         report["fit_bytes"] = budget
         report["largest_batch"] = memory.largest_batch(lambda b: max(m.peak for m in slots_at(b)), budget)
-        if world and where["replicas"] > 1:
+        if world and where.get("replicas", 1) > 1:
             report["largest_batch_note"] = f"the global batch, split over {where['replicas']} data replicas"
     return report
 

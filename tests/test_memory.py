@@ -10,9 +10,11 @@ import torch.multiprocessing as mp
 
 import dist_worker
 from alexnet import memory, memwatch
+from alexnet.build import spec_from_config
+from alexnet.config import load
 from alexnet.init import init_reference_state
 from alexnet.model import GroupAlexNet
-from conftest import tiny_spec
+from conftest import ROOT, tiny_spec
 from parallel import LocalPlacement, load_full_state_dict
 
 BATCH = 16
@@ -191,3 +193,43 @@ def test_cuda_paths_reset_read_and_snapshot_per_device(tmp_path, monkeypatch):
     assert open(target, "rb").read() == b"snapshot" and not calls[3][1] == target  # dumped to a temporary first
     assert watch.peaks() == {"cuda:0": 3.0, "cuda:1": 5.0}
     assert memwatch.describe(watch.peaks()) == "peak cuda:0 3 MiB, cuda:1 5 MiB"
+
+
+def hybrid_ranks_measure(rank, world, store, spec, out):
+    """One SGD step of the hybrid placement (convs data-parallel, fc layers split over the ranks) under MemTracker."""
+    dist_worker.setup(rank, world, store)
+    from parallel.hybrid import init_hybrid_from_env
+    conv, fc, rows, runtime = init_hybrid_from_env(spec.slot_groups, "gloo")
+    model = GroupAlexNet(spec, conv, fc_placement=fc, rows=rows)
+    load_full_state_dict(model, init_reference_state(spec, 0))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, spec.in_channels, spec.input_size, spec.input_size, generator=gen)
+    y = torch.randint(0, spec.num_classes, (BATCH,), generator=gen)
+    mine = torch.tensor_split(torch.arange(BATCH), world)[rank]
+    rows.plan([len(r) for r in torch.tensor_split(torch.arange(BATCH), world)])
+    measured = memwatch.measure_step(model, opt, x[mine].contiguous(), y[mine].contiguous(), runtime)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(measured, f)
+    dist_worker.finish()
+
+
+HYBRID_SPECS = {"tiny": lambda: spec_for(2),
+                "fashion": lambda: spec_from_config(load(os.path.join(ROOT, "configs/fashion_mnist/g2.yaml"))),
+                "paper": lambda: spec_from_config(load(os.path.join(ROOT, "configs/imagenet/g2.yaml")))}
+
+
+@pytest.mark.parametrize("name", list(HYBRID_SPECS))
+def test_hybrid_prediction_matches_mem_tracker_on_gloo_ranks(tmp_path, name):
+    """The hybrid on 2 ranks (fp32, batch 16): every category within 5% of MemTracker, the peak within 5% at the
+    Fashion-MNIST and the paper geometry (the tiny test network's peak, dominated by small buffers, within 10%)."""
+    spec, out, world = HYBRID_SPECS[name](), str(tmp_path / "mem"), 2
+    mp.spawn(hybrid_ranks_measure, args=(world, dist_worker.rendezvous_file(), spec, out), nprocs=world, join=True)
+    predicted = memory.predict(spec, BATCH, world, distributed=True, hybrid=True)
+    for rank in range(world):
+        with open(f"{out}.{rank}") as f:
+            measured = json.load(f)
+        compare([predicted[rank]], measured)
+        if name != "tiny":
+            close(predicted[rank].peak - predicted[rank].input, measured["peak"]["cpu"]["total"], 0.05, "peak")

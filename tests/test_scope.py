@@ -3,6 +3,7 @@
 The table below is written independently of alexnet/scope.py: for each scoped key, a value
 that asks for its effect, and the (device, placement, replicas) runs where it has one.
 """
+import os
 import subprocess
 import sys
 from itertools import product
@@ -11,6 +12,9 @@ import pytest
 
 from alexnet.config import DEFAULTS, ConfigError, load
 from alexnet.scope import SCOPED, RunScope, check
+from conftest import ROOT
+
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 
 ALL_SCOPES = [RunScope(d, p, r) for d, p, r in product(("cpu", "cuda"), ("local", "distributed", "hybrid"), (1, 2))
               if not (p == "local" and r > 1)]
@@ -54,7 +58,7 @@ def test_every_train_and_parallel_key_is_scoped_or_acts_everywhere():
 @pytest.mark.parametrize("key", sorted(ACTS))
 def test_a_scoped_key_is_refused_in_one_line_exactly_where_it_does_nothing(key):
     value, acts = ACTS[key]
-    cfg = load("configs/smoke.yaml", [f"{key}={value}"])
+    cfg = load(SMOKE, [f"{key}={value}"])
     for scope in ALL_SCOPES:
         if acts(scope):
             check(cfg, scope)
@@ -64,12 +68,13 @@ def test_a_scoped_key_is_refused_in_one_line_exactly_where_it_does_nothing(key):
             message = str(e.value)
             assert "\n" not in message and message.startswith(f"{key}=") and scope.placement in message
     for scope in ALL_SCOPES:  # at its default (smoke.yaml sets none of them) the key is accepted anywhere
-        check(load("configs/smoke.yaml"), scope)
+        check(load(SMOKE), scope)
 
 
 def test_train_py_refuses_a_key_this_run_would_ignore_with_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}",
-                           "--set", "parallel.backend=gloo"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", SMOKE, "--set",
+                           f"run.dir={tmp_path}", "--set", "parallel.backend=gloo"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["error: parallel.backend=gloo acts only under torchrun (placement distributed or hybrid), and "

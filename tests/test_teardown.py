@@ -1,5 +1,6 @@
 """Whoever sets up tears down: a user's script on parallel/ under torchrun is torn down at exit without doing it
 itself; the project's collectives use the installed torch's names (no deprecation noise)."""
+import json
 import os
 import subprocess
 import sys
@@ -84,12 +85,18 @@ def test_tools_refuse_what_they_do_not_model_in_one_line(script, capsys):
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import model_stats
     g2 = os.path.join(ROOT, "configs", "fashion_mnist", "g2.yaml")
-    refusals = {("--set", "parallel.placement=hybrid", "--world", "2"): "not hybrid",
+    refusals = {("--set", "parallel.placement=hybrid"): "give the launch's --world N",
                 ("--set", "parallel.placement=local", "--world", "2"): "drop --world",
                 ("--set", "parallel.placement=distributed"): "give the launch's --world N"}
     for extra, words in refusals.items():
         assert model_stats.main(["--config", g2, "--memory", "--batch", "16", *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
-    assert model_stats.main(["--config", g2, "--memory", "--batch", "16", "--world", "2"]) == 0
-    capsys.readouterr()
+    # the hybrid's figures are its own (every rank holds every conv weight), not the model-parallel ones
+    tables = {}
+    for placement in ("distributed", "hybrid"):
+        assert model_stats.main(["--config", g2, "--memory", "--batch", "16", "--world", "2", "--json", "--set",
+                                 f"parallel.placement={placement}"]) == 0
+        tables[placement] = json.loads(capsys.readouterr().out)
+    params = {p: [d["parameters"] for d in t["devices"].values()] for p, t in tables.items()}
+    assert params["hybrid"][0] > params["distributed"][0], params

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alexnet.spec import FC_NAMES, LRN_AFTER, POOL_AFTER, POOL_KERNEL, POOL_STRIDE, AlexNetSpec
+from alexnet.spec import FC_NAMES, LRN_AFTER, POOL_AFTER, POOL_KERNEL, POOL_STRIDE, AlexNetSpec, hybrid_refusal
 from parallel.placement import split_sizes
 from parallel.sharded import slot_sizes
 
@@ -130,6 +130,8 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
     if hybrid and (replicas != 1 or not distributed):
         raise ValueError("hybrid: K ranks are both the data replicas of the convs and the slots of the fc layers; "
                          "give slots=K, replicas=1, distributed=True")
+    if hybrid and hybrid_refusal(spec.layers()):
+        raise ValueError(hybrid_refusal(spec.layers()))
     n = -(-batch // replicas)  # the largest replica's rows
     n_conv = -(-batch // slots) if hybrid else n  # the conv layers' rows on this rank
     act = 2 if precision == "bf16" else 4
@@ -166,7 +168,7 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
                 saved[f"{info.name}.weight_bf16"] = rows * in_per_row * 2
             if info.exchange in ("all", "shuffle"):
                 whole = n * info.input_numel * act
-                mine = whole if info.exchange == "all" else whole // slots
+                mine = whole if info.exchange == "all" or whole_layer else whole // slots  # hybrid convs: 1 slot
                 mem.exchange_by_layer[info.name] = mine
                 saved[f"{info.name}.input"] = mine
             elif info.exchange == "own":

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from alexnet.lrn import FastLRN
-from alexnet.spec import LRN_AFTER, LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, POOL_AFTER, POOL_KERNEL, POOL_STRIDE, AlexNetSpec
+from alexnet.spec import (LRN_AFTER, LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, POOL_AFTER, POOL_KERNEL, POOL_STRIDE,
+                          AlexNetSpec, hybrid_refusal)
 from parallel import GroupConv2d, GroupLinear, PerGroup, PlacementError, gather_output
 from parallel.dropout import GroupDropout
 
@@ -33,12 +34,9 @@ class GroupAlexNet(nn.Module):
         super().__init__()
         self.spec, self.placement, self.rows = spec, placement, rows
         self.layer_infos = spec.layers()
-        if rows is not None:
-            local = [i.name for i in self.layer_infos if i.kind == "fc" and i.exchange != "all"]
-            if local:
-                raise PlacementError(f"the hybrid placement splits the fc layers by output features over ranks, so "
-                                     f"every fc layer must see all inputs; {', '.join(local)} do not: set "
-                                     f"model.exchange.{local[0]} (and any other) to all")
+        refusal = hybrid_refusal(self.layer_infos) if rows is not None else None
+        if refusal:
+            raise PlacementError(refusal)
         self.fc_placement = fc_placement = fc_placement or placement
         # Modules are named as ReferenceAlexNet's (conv1, relu1, lrn1, pool1, ..., fc6, relu6, drop6, ..., fc8),
         # so parallel.full_state_dict(model) is the reference's state_dict, key for key.

@@ -4,8 +4,8 @@ A run's config may carry a key that this run cannot use (``parallel.backend=nccl
 process, ``train.cudnn_benchmark=false`` on the CPU): accepted, it would change nothing, and
 the user would believe it did. So each such key names where it acts, and ``check`` refuses
 one set to anything but its default elsewhere, in one line naming the key, where it acts,
-this run, and the fix (the key's default, or what makes it act). A key at its default is always accepted: configs shared between a
-GPU cluster and a laptop keep working.
+this run, and the fix (the key's default, or what makes it act). A key at its default is
+always accepted: configs shared between a GPU cluster and a laptop keep working.
 
 The scope is the run's device (cpu or cuda), its placement (local, distributed, hybrid) and
 its data replicas; keys whose effect depends on another key (``optim.step_size`` with
@@ -86,8 +86,7 @@ def check(cfg: dict, scope: RunScope) -> None:
 
 def scope_of(where) -> RunScope:
     """The RunScope of an ``alexnet.build.Where``."""
-    devices = [slot.device for slot in where.placement.local_slots]
-    device = "cuda" if any(getattr(d, "type", str(d).split(":")[0]) == "cuda" for d in devices) else "cpu"
+    device = "cuda" if any(slot.device.type == "cuda" for slot in where.placement.local_slots) else "cpu"
     if where.fc_placement is not None:
         placement = "hybrid"
     else:

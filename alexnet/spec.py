@@ -35,6 +35,16 @@ def groups_label(groups) -> str:
     return "-".join(str(g) for g in groups) if isinstance(groups, (list, tuple)) else str(groups)
 
 
+def hybrid_refusal(infos) -> str | None:
+    """Why the hybrid placement cannot run these layers (``spec.layers()``), or None: it splits every fc layer
+    by output features over the ranks, so every fc layer must read all of its inputs (exchange ``all``)."""
+    local = [i.name for i in infos if i.kind == "fc" and i.exchange != "all"]
+    if not local:
+        return None
+    return (f"the hybrid placement splits the fc layers by output features over ranks, so every fc layer must "
+            f"see all inputs; {', '.join(local)} do not: set model.exchange.{local[0]} (and any other) to all")
+
+
 class SpecError(ValueError):
     """An AlexNet geometry that cannot be built; the message names the layer and the fix."""
 

@@ -26,7 +26,7 @@ import sys
 from alexnet import memory
 from alexnet.build import spec_from_config
 from alexnet.config import ConfigError, load
-from alexnet.spec import SpecError
+from alexnet.spec import SpecError, hybrid_refusal
 from parallel import PlacementError
 
 
@@ -67,6 +67,8 @@ def slots_of(cfg: dict, spec, world: int | None) -> dict:
     if placement in TORCHRUN_PLACEMENTS and not world:
         raise ConfigError(f"parallel.placement={placement} is one process per rank: give the launch's --world N")
     if placement == "hybrid":
+        if hybrid_refusal(spec.layers()):
+            raise ConfigError(hybrid_refusal(spec.layers()))
         return {"slots": world, "distributed": True, "hybrid": True, "labels": [f"rank{r}" for r in range(world)]}
     if world:
         from parallel.distributed import slots_for_world
@@ -99,6 +101,8 @@ def memory_report(cfg: dict, spec, batch: int, precision: str, world: int | None
         report["largest_batch"] = memory.largest_batch(lambda b: max(m.peak for m in slots_at(b)), budget)
         if world and where.get("replicas", 1) > 1:
             report["largest_batch_note"] = f"the global batch, split over {where['replicas']} data replicas"
+        elif where.get("hybrid"):
+            report["largest_batch_note"] = f"the global batch: the convs run on 1/{world} of it per rank"
     return report
 
 

@@ -86,6 +86,8 @@ def test_tools_refuse_what_they_do_not_model_in_one_line(script, capsys):
     import model_stats
     g2 = os.path.join(ROOT, "configs", "fashion_mnist", "g2.yaml")
     refusals = {("--set", "parallel.placement=hybrid"): "give the launch's --world N",
+                ("--set", "parallel.placement=hybrid", "--world", "2", "--set", "model.exchange.fc7=own"):
+                    "every fc layer must see all inputs",
                 ("--set", "parallel.placement=local", "--world", "2"): "drop --world",
                 ("--set", "parallel.placement=distributed"): "give the launch's --world N"}
     for extra, words in refusals.items():

@@ -400,8 +400,8 @@ def grad_sync_curve(rank: int, world: int, store: str, groups: int, mode: str, h
 
 
 def converted_torchvision(rank: int, world: int, store: str, networks: list, out: str):
-    """Torchvision networks ((name, image size) pairs) converted over ``world`` gloo ranks (float64, one slot each), in eval then train
-    mode (dropout off), each against the original that every rank also builds (seed 0): rank 0 saves, per
+    """Torchvision networks ((name, image size) pairs) converted over ``world`` gloo ranks (float64, one slot
+    each), in eval then train mode (dropout off), each against the original that every rank also builds (seed 0): rank 0 saves, per
     network and mode, the largest relative error of the output, of the input gradient (summed over ranks:
     the image is replicated, each rank's share is its output channels') and of each parameter's gradient
     (gathered), plus how many conv/linear weights each rank held; no tensor is written."""

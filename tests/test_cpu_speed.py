@@ -158,10 +158,7 @@ def test_cpu_ranks_under_torchrun_keep_nchw_and_grouped_untimed():
 
 def test_speed_ceiling_splits_the_step_into_convolutions_and_the_rest(capsys):
     """scripts/speed_ceiling.py: one row per G whose parts add up, and a verdict per (G, target)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import speed_ceiling
+    import speed_ceiling  # scripts/ is on the path (conftest)
     assert speed_ceiling.main(["--groups", "1", "2", "--batch", "4", "--rounds", "1", "--steps", "1",
                                "--targets", "1.25"]) == 0
     out = capsys.readouterr().out

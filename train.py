@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
@@ -31,10 +32,25 @@ USER_ERRORS = (ConfigError, SpecError, PlacementError, DataError, CheckpointErro
 PREEMPTED = 143  # 128 + SIGTERM
 
 
+#: seconds a rank other than 0 waits before saying a user error itself (see ``report_error``)
+PEER_REPORT_WAIT_S = 30.0
+
+
 def report_error(message: str) -> None:
-    """One line on stderr; under torchrun only rank 0 says it (every rank fails alike)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {message}", file=sys.stderr)
+    """One line on stderr; under torchrun rank 0 says it (every rank fails alike).
+
+    The other ranks wait before they exit: torchrun ends every rank as soon as one has failed,
+    so a peer that failed first would end a rank 0 still importing torch before it could speak
+    (seen on a busy 2-core machine). They wait with SIGTERM's default action, so torchrun ends them
+    at once when rank 0 has failed too; a rank that is still there after ``PEER_REPORT_WAIT_S``
+    (rank 0 did not fail alike) says the error itself, naming its rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(PEER_REPORT_WAIT_S)
+    print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
 
 
 def restarted_by_torchrun() -> bool:

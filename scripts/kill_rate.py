@@ -195,6 +195,9 @@ BUGS = [
     ("a scoped key counts as set only when asked by value", "alexnet/scope.py",
      "asked = rule.set_to(value) if rule.set_to else value != _default(rule.key)",
      "asked = rule.set_to(value) if rule.set_to else False", ["tests/test_scope.py"]),
+    ("under torchrun the peers exit at once on a user error, so torchrun can end rank 0 before it speaks", "train.py",
+     "    time.sleep(PEER_REPORT_WAIT_S)\n", "", ["tests/test_distributed.py::test_world_size_that_does_not_fit_"
+                                                "groups_is_one_line"]),
 ]
 
 

@@ -185,3 +185,23 @@ def test_checkpoint_of_other_groups_is_refused(tmp_path):
     other = load("configs/smoke.yaml", TINY + [f"run.dir={tmp_path / 'g2'}", "model.groups=4"])
     with pytest.raises(CheckpointError, match="model.groups=2"):
         fit(other, resume="latest", quiet=True)
+
+
+def test_a_peer_rank_says_a_user_error_itself_when_rank_0_has_not(monkeypatch, capsys):
+    """Under torchrun rank 0 says a user error; a peer waits for torchrun to end it (SIGTERM's default
+    action), and says the error itself, naming its rank, if rank 0 did not fail alike."""
+    import signal
+
+    import train
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(train, "PEER_REPORT_WAIT_S", 0.01)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        train.report_error("world size 3 does not fit 2 groups")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err == "error (rank 1): world size 3 does not fit 2 groups\n"
+    monkeypatch.setenv("RANK", "0")
+    train.report_error("world size 3 does not fit 2 groups")
+    assert capsys.readouterr().err == "error: world size 3 does not fit 2 groups\n"

@@ -12,7 +12,13 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from alexnet.spec import AlexNetSpec  # noqa: E402
 
-torch.set_num_threads(2)
+
+def pytest_configure(config):
+    """The pytest process computes with 2 threads (CI's cores). Set here, not at import: the spawned gloo
+    ranks import this module for ``tiny_spec`` after ``dist_worker.setup`` gave them 1 thread each, and
+    an import-time setting took it back (4 ranks x 2 threads on 2 cores)."""
+    torch.set_num_threads(2)
+
 
 #: a deprecation warning line in a subprocess's output that is ours: it names a file of this project's library or
 #: training code, or torch.distributed's wrapper of its deprecated collectives (which names itself, not the caller)

@@ -130,10 +130,10 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
     if hybrid and (replicas != 1 or not distributed):
         raise ValueError("hybrid: K ranks are both the data replicas of the convs and the slots of the fc layers; "
                          "give slots=K, replicas=1, distributed=True")
-    if hybrid and hybrid_refusal(spec.layers()):
-        raise ValueError(hybrid_refusal(spec.layers()))
-    n = -(-batch // replicas)  # the largest replica's rows
-    n_conv = -(-batch // slots) if hybrid else n  # the conv layers' rows on this rank
+    if hybrid and (refusal := hybrid_refusal(spec.layers())):
+        raise ValueError(refusal)
+    n_rows = -(-batch // replicas)  # the largest replica's rows
+    n_conv = -(-batch // slots) if hybrid else n_rows  # the conv layers' rows on this rank
     act = 2 if precision == "bf16" else 4
     infos = spec.layers()
     labels = labels or [f"slot {k}" for k in range(slots)]
@@ -154,7 +154,7 @@ def predict(spec: AlexNetSpec, batch: int, slots: int = 1, replicas: int = 1, pr
         for info in infos:
             G = info.groups
             whole_layer = hybrid and info.kind == "conv"  # every group on this rank, for its rows
-            n = n_conv if whole_layer else -(-batch // replicas)
+            n = n_conv if whole_layer else n_rows
             rows = info.out_channels if whole_layer else \
                 slot_sizes(split_sizes(info.out_channels, slots if hybrid else G), slots)[k]  # as the layers deal
             per_out = info.out_shape[1] * info.out_shape[2] if info.kind == "conv" else 1

@@ -183,7 +183,7 @@ BUGS = [
      '    if placement == "hybrid":\n', '    if False:\n', ["tests/test_teardown.py::test_tools_refuse_what_they_do_"
                                                           "not_model_in_one_line"]),
     ("the hybrid's conv layers predicted on the whole batch, not the rank's rows", "alexnet/memory.py",
-     "n_conv = -(-batch // slots) if hybrid else n", "n_conv = n",
+     "n_conv = -(-batch // slots) if hybrid else n_rows", "n_conv = n_rows",
      ["tests/test_memory.py::test_hybrid_prediction_matches_mem_tracker_on_gloo_ranks"]),
     ("the all-gather between ranks calls torch 2.14's deprecated name", "parallel/comm.py",
      '(dist.all_gather_single if hasattr(dist, "all_gather_single") else dist.all_gather_into_tensor)(',

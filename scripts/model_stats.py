@@ -67,8 +67,8 @@ def slots_of(cfg: dict, spec, world: int | None) -> dict:
     if placement in TORCHRUN_PLACEMENTS and not world:
         raise ConfigError(f"parallel.placement={placement} is one process per rank: give the launch's --world N")
     if placement == "hybrid":
-        if hybrid_refusal(spec.layers()):
-            raise ConfigError(hybrid_refusal(spec.layers()))
+        if refusal := hybrid_refusal(spec.layers()):
+            raise ConfigError(refusal)
         return {"slots": world, "distributed": True, "hybrid": True, "labels": [f"rank{r}" for r in range(world)]}
     if world:
         from parallel.distributed import slots_for_world

@@ -195,7 +195,6 @@ def test_world_size_that_does_not_fit_groups_is_one_line(root, tmp_path):
     assert proc.stderr.count("error: world size 3 does not fit 2 groups") == 1, proc.stderr[-3000:]
     assert "error (rank" not in proc.stderr, "the peers wait for rank 0 to say it"
     assert not (tmp_path / "metrics.jsonl").exists(), "nothing may train before the check"
-    assert not (tmp_path / "metrics.jsonl").exists(), "nothing may train before the check"
 
 
 def test_distributed_checkpoint_consolidates_and_evaluates_locally(root, tmp_path, uninterrupted):
